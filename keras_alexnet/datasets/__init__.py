@@ -1,0 +1,93 @@
+"""Dataset sources: encoded images and integer labels, by name.
+
+`load` returns a `DatasetSource` whose ``train`` and ``validation`` splits yield
+``(encoded_image_bytes, label)`` pairs; decoding and augmentation happen later in
+`keras_alexnet.input_pipeline`, with the preprocessing shared by export. Names:
+
+* ``alexnet_shapes`` (default) and ``alexnet_shapes/tiny``: the embedded, locally
+  generated TFDS dataset (`keras_alexnet.datasets.shapes`).
+"""
+
+import dataclasses
+from typing import Optional
+
+import tensorflow as tf
+
+DEFAULT_DATASET = "alexnet_shapes"
+
+
+@dataclasses.dataclass
+class DatasetSource:
+    """The splits of a dataset as ``(encoded bytes, int64 label)`` datasets.
+
+    Attributes:
+        name: the name it was loaded by.
+        train, validation: ``tf.data.Dataset`` of ``(tf.string, tf.int64)`` scalars.
+        class_names: one short name per class, in label order.
+        display_names: human-readable names for exported labels (for ImageNet, the
+            synset and its words); defaults to ``class_names``.
+        num_train, num_validation: split sizes.
+    """
+
+    name: str
+    train: tf.data.Dataset
+    validation: tf.data.Dataset
+    class_names: list
+    num_train: int
+    num_validation: int
+    display_names: Optional[list] = None
+
+    def __post_init__(self):
+        if self.display_names is None:
+            self.display_names = list(self.class_names)
+
+    @property
+    def num_classes(self):
+        return len(self.class_names)
+
+
+def _load_shapes(name, data_dir):
+    import tensorflow_datasets as tfds
+
+    from keras_alexnet.datasets.shapes import AlexnetShapes
+
+    config = name.split("/", 1)[1] if "/" in name else "default"
+    builder = AlexnetShapes(config=config, data_dir=data_dir)
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+    )
+
+    def split(which):
+        ds = builder.as_dataset(
+            split=which, decoders={"image": tfds.decode.SkipDecoding()}, shuffle_files=False
+        )
+        return ds.map(lambda ex: (ex["image"], ex["label"]))
+
+    info = builder.info
+    return DatasetSource(
+        name=name,
+        train=split("train"),
+        validation=split("validation"),
+        class_names=list(info.features["label"].names),
+        num_train=info.splits["train"].num_examples,
+        num_validation=info.splits["validation"].num_examples,
+    )
+
+
+def load(name=DEFAULT_DATASET, *, data_dir=None, **options):
+    """Loads a dataset source by name (see the module docstring).
+
+    Args:
+        name: dataset name.
+        data_dir: TFDS data directory (where prepared datasets are cached);
+            ``None`` uses TFDS' default (``~/tensorflow_datasets``).
+        **options: dataset-specific options (ignored when ``None``).
+
+    Raises:
+        ValueError: for an unknown name, naming the known ones.
+    """
+    if name == DEFAULT_DATASET or name.startswith(DEFAULT_DATASET + "/"):
+        return _load_shapes(name, data_dir)
+    raise ValueError(
+        f"Unknown dataset {name!r}. Known: '{DEFAULT_DATASET}', '{DEFAULT_DATASET}/tiny'."
+    )

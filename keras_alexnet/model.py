@@ -1,0 +1,234 @@
+"""AlexNet as a Keras functional model with the paper's two towers.
+
+The two GPUs of the paper are written as explicit parallel branches ("towers"): each
+tower owns half of every layer's filters, the branches are concatenated only where
+the paper lets the towers talk (the inputs of conv3, fc6, fc7 and fc8). This is the
+same function as ``Conv2D(groups=2)`` on conv2/conv4/conv5, but Keras compiles grouped
+convolutions through XLA on the TensorFlow backend (about 3.5x slower on CPU, and
+XLA-only functions in the SavedModel); separate layers are also what device-scoped
+model parallelism needs (one set of variables per device).
+
+Layer names are an API: ``images``, ``conv1``..``conv5``, ``norm1``, ``norm2``,
+``pool1``, ``pool2``, ``pool5``, ``fc6``..``fc8``, ``drop6``, ``drop7``, with a tower
+suffix ``_a`` / ``_b`` on every per-tower layer (``conv1_a``, ``fc6_b``, ...).
+"""
+
+import keras
+
+from keras_alexnet import paper
+from keras_alexnet.layers import LocalResponseNormalization
+
+INITIALIZERS = ("paper", "he", "glorot")
+
+VARIANTS = {
+    # The paper's network: 60,965,224 parameters at 227x227 with 1000 classes.
+    "krizhevsky2012": dict(towers=2, use_lrn=True),
+    # Same widths in one branch (the half-width-per-GPU split removed): 62,378,344.
+    "single_tower": dict(towers=1, use_lrn=True),
+}
+
+
+def _scaled(filters, width, towers):
+    """``filters * width`` rounded to a positive multiple of ``towers``."""
+    per_tower = max(1, int(round(filters * width / towers)))
+    return per_tower * towers
+
+
+def _kernel_initializer(initializer, seed):
+    if initializer == "paper":
+        return keras.initializers.RandomNormal(0.0, paper.INIT_STDDEV, seed=seed)
+    if initializer == "he":
+        return keras.initializers.HeNormal(seed=seed)
+    return keras.initializers.GlorotUniform(seed=seed)
+
+
+def _bias_initializer(initializer, layer):
+    if initializer == "paper" and layer in paper.ONE_BIAS_LAYERS:
+        return keras.initializers.Constant(1.0)
+    return keras.initializers.Zeros()
+
+
+@keras.saving.register_keras_serializable(package="keras_alexnet")
+class AlexNet(keras.Model):
+    """AlexNet (Krizhevsky, Sutskever & Hinton, 2012) returning logits.
+
+    Architecture (Fig. 2, Sec. 3): conv1 96@11x11/4 -> ReLU -> LRN -> maxpool 3/2;
+    conv2 256@5x5 -> ReLU -> LRN -> maxpool 3/2; conv3 384@3x3; conv4 384@3x3;
+    conv5 256@3x3 -> maxpool 3/2; fc6 4096 -> dropout; fc7 4096 -> dropout; fc8 logits.
+    All convolutions and fc6/fc7 are followed by ReLU. With two towers each tower has
+    half the filters of every layer; conv2, conv4 and conv5 read only their own tower,
+    conv3 and fc6-fc8 read both. LRN runs per tower, as on the paper's two GPUs.
+    At 227x227 the feature maps are 55, 27, 13, 13, 13 and pool5 is 6x6.
+
+    Args:
+        num_classes: size of the output layer. Defaults to 1000.
+        image_size: side of the square RGB input, 67 or more (227 in the paper).
+        width: multiplier on every layer's width (1.0 = the paper), for small
+            test and demo configurations.
+        towers: 2 for the paper's two towers, 1 for a single branch.
+        use_lrn: whether to apply LRN after conv1 and conv2.
+        dropout_rate: dropout on the fc6 and fc7 outputs (0.5 in the paper).
+        initializer: ``"paper"`` (weights N(0, 0.01), biases 1 in conv2, conv4,
+            conv5, fc6, fc7 and 0 elsewhere), ``"he"`` (He normal, zero biases) or
+            ``"glorot"`` (Keras' default: Glorot uniform, zero biases).
+        input_scale: optional factor applied to the (mean-subtracted) input pixels by
+            a ``Rescaling`` layer named ``input_scale``. ``None`` (the paper) feeds raw
+            0-255 mean-subtracted pixels.
+        weight_decay: the paper's weight decay ``wd``, added as ``L2(wd / 2)`` on every
+            kernel (gradient ``wd * w``) and nothing on biases, so that Keras' SGD
+            reproduces ``v <- m v - wd lr w - lr g``. 0 disables it.
+        seed: optional seed for the weight initializers.
+        name: model name.
+    """
+
+    def __init__(
+        self,
+        num_classes=paper.NUM_CLASSES,
+        image_size=paper.IMAGE_SIZE,
+        width=1.0,
+        towers=2,
+        use_lrn=True,
+        dropout_rate=paper.DROPOUT_RATE,
+        initializer="paper",
+        input_scale=None,
+        weight_decay=0.0,
+        seed=None,
+        name="alexnet",
+        **kwargs,
+    ):
+        if towers not in (1, 2):
+            raise ValueError(f"`towers` must be 1 or 2. Received: towers={towers!r}")
+        if not isinstance(image_size, int) or image_size < paper.MIN_IMAGE_SIZE:
+            raise ValueError(
+                f"`image_size` must be an integer >= {paper.MIN_IMAGE_SIZE} (smaller inputs "
+                f"leave pool5 empty). Received: image_size={image_size!r}"
+            )
+        if not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"`num_classes` must be an integer >= 2. Received: {num_classes!r}")
+        if not width > 0:
+            raise ValueError(f"`width` must be positive. Received: width={width!r}")
+        if initializer not in INITIALIZERS:
+            raise ValueError(
+                f"`initializer` must be one of {INITIALIZERS}. Received: {initializer!r}"
+            )
+        if not 0.0 <= dropout_rate < 1.0:
+            raise ValueError(f"`dropout_rate` must be in [0, 1). Received: {dropout_rate!r}")
+        if weight_decay < 0:
+            raise ValueError(f"`weight_decay` must be >= 0. Received: {weight_decay!r}")
+
+        suffixes = ("",) if towers == 1 else ("_a", "_b")
+        regularizer = keras.regularizers.L2(weight_decay / 2.0) if weight_decay else None
+        layer_seed = iter(range(10**6)) if seed is None else iter(range(seed, seed + 10**6))
+
+        def conv(x, filters, kernel, name, strides=1, padding="same"):
+            return keras.layers.Conv2D(
+                _scaled(filters, width, towers) // towers,
+                kernel,
+                strides=strides,
+                padding=padding,
+                activation="relu",
+                kernel_initializer=_kernel_initializer(
+                    initializer, None if seed is None else next(layer_seed)
+                ),
+                bias_initializer=_bias_initializer(initializer, name.split("_")[0]),
+                kernel_regularizer=regularizer,
+                name=name,
+            )(x)
+
+        def dense(x, units, name, activation="relu", dtype=None):
+            return keras.layers.Dense(
+                units,
+                activation=activation,
+                kernel_initializer=_kernel_initializer(
+                    initializer, None if seed is None else next(layer_seed)
+                ),
+                bias_initializer=_bias_initializer(initializer, name.split("_")[0]),
+                kernel_regularizer=regularizer,
+                name=name,
+                dtype=dtype,
+            )(x)
+
+        def norm_pool(x, stage, suffix):
+            if use_lrn:
+                x = LocalResponseNormalization(name=f"norm{stage}{suffix}")(x)
+            return keras.layers.MaxPooling2D(
+                paper.POOL_SIZE, strides=paper.POOL_STRIDE, name=f"pool{stage}{suffix}"
+            )(x)
+
+        def merge(branches, name):
+            if len(branches) == 1:
+                return branches[0]
+            return keras.layers.Concatenate(name=name)(branches)
+
+        images = keras.Input(shape=(image_size, image_size, 3), name="images")
+        x = images
+        if input_scale is not None:
+            x = keras.layers.Rescaling(input_scale, name="input_scale")(x)
+        c1, c2, c3, c4, c5 = paper.CONV_FILTERS
+        lower = []
+        for s in suffixes:  # each tower sees the whole image but only its own maps
+            y = conv(x, c1, 11, f"conv1{s}", strides=4, padding="valid")
+            y = norm_pool(y, 1, s)
+            y = conv(y, c2, 5, f"conv2{s}")
+            lower.append(norm_pool(y, 2, s))
+        x = merge(lower, "cross3")  # conv3 reads both towers
+        upper = []
+        for s in suffixes:
+            y = conv(x, c3, 3, f"conv3{s}")
+            y = conv(y, c4, 3, f"conv4{s}")
+            y = conv(y, c5, 3, f"conv5{s}")
+            y = keras.layers.MaxPooling2D(
+                paper.POOL_SIZE, strides=paper.POOL_STRIDE, name=f"pool5{s}"
+            )(y)
+            upper.append(keras.layers.Flatten(name=f"flatten{s}")(y))
+        x = merge(upper, "cross6")  # fc6 reads both towers
+        for layer, units in zip(("fc6", "fc7"), paper.FC_UNITS):
+            per_tower = _scaled(units, width, towers) // towers
+            x = merge([dense(x, per_tower, f"{layer}{s}") for s in suffixes], f"cross_{layer}")
+            x = keras.layers.Dropout(dropout_rate, name=f"drop{layer[2:]}")(x)
+        # Logits in float32 so that softmax and the loss stay float32 under mixed precision.
+        logits = dense(x, num_classes, "fc8", activation=None, dtype="float32")
+
+        super().__init__(inputs=images, outputs=logits, name=name, **kwargs)
+        self.num_classes = num_classes
+        self.image_size = image_size
+        self.width = width
+        self.towers = towers
+        self.use_lrn = use_lrn
+        self.dropout_rate = dropout_rate
+        self.initializer = initializer
+        self.input_scale = input_scale
+        self.weight_decay = weight_decay
+        self.seed = seed
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "num_classes": self.num_classes,
+            "image_size": self.image_size,
+            "width": self.width,
+            "towers": self.towers,
+            "use_lrn": self.use_lrn,
+            "dropout_rate": self.dropout_rate,
+            "initializer": self.initializer,
+            "input_scale": self.input_scale,
+            "weight_decay": self.weight_decay,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+def alexnet(variant="krizhevsky2012", **overrides):
+    """Builds an `AlexNet` from a named entry of `VARIANTS`; keyword overrides win.
+
+    >>> alexnet().count_params()
+    60965224
+    >>> tiny = alexnet(num_classes=10, image_size=67, width=0.125)
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"`variant` must be one of {sorted(VARIANTS)}. Received: {variant!r}")
+    return AlexNet(**{**VARIANTS[variant], **overrides})

@@ -1,0 +1,141 @@
+"""The one preprocessing definition, shared by training, evaluation and export.
+
+Pixels are RGB on the 0-255 scale throughout (the paper's scale, Sec. 2). For an
+encoded image of any size the steps are:
+
+1. decode (JPEG, PNG, GIF, BMP; grayscale and RGBA become RGB): `decode_image`;
+2. rescale the shorter side to 256 and take the central 256x256 (`resize_to_square`).
+   The paper "down-sampled the images to a fixed resolution of 256x256 ... rescaled
+   the image such that the shorter side was of length 256, and then cropped out the
+   central 256x256 patch" (Sec. 2), which is what this does, keeping the aspect ratio
+   (Caffe instead warps to 256x256);
+3. subtract the mean: a per-channel RGB mean (shape ``(3,)``, the default is ImageNet's)
+   or the paper's per-pixel mean image (shape ``(256, 256, 3)``), `subtract_mean`;
+4. evaluation takes the central ``image_size`` crop (`eval_from_bytes`); training
+   (`train_from_bytes`) adds the paper's PCA colour noise before the mean subtraction
+   and then takes a random ``image_size`` crop and a random horizontal flip (Sec. 4.1).
+
+Random choices are stateless, driven by an explicit ``seed`` tensor of shape ``(2,)``,
+so a ``tf.data`` pipeline that hands each element its own seed is deterministic.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from keras_alexnet import paper
+
+
+def decode_image(image_bytes):
+    """Decodes one encoded image to ``uint8 [H, W, 3]``; the first frame of a GIF.
+
+    Grayscale is replicated to three channels and alpha is dropped. CMYK JPEGs are
+    converted by libjpeg. Raises ``InvalidArgumentError`` for bytes that are not a
+    complete JPEG, PNG, GIF or BMP image.
+    """
+    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def resize_to_square(image, size=paper.RESIZE_SIZE):
+    """Rescales the shorter side to ``size`` and crops the central ``size x size`` patch.
+
+    Bilinear with antialiasing (so that shrinking large photos does not alias).
+    Returns ``float32 [size, size, 3]`` on the 0-255 scale.
+    """
+    image = tf.cast(image, tf.float32)
+    shape = tf.shape(image)
+    height, width = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
+    scale = tf.cast(size, tf.float32) / tf.minimum(height, width)
+    new_h = tf.maximum(size, tf.cast(tf.round(height * scale), tf.int32))
+    new_w = tf.maximum(size, tf.cast(tf.round(width * scale), tf.int32))
+    image = tf.image.resize(image, (new_h, new_w), method="bilinear", antialias=True)
+    top = (new_h - size) // 2
+    left = (new_w - size) // 2
+    image = image[top : top + size, left : left + size, :]
+    image.set_shape([size, size, 3])
+    return image
+
+
+def subtract_mean(image, mean):
+    """``image - mean`` for a ``(3,)`` channel mean or an ``(H, W, 3)`` mean image."""
+    return image - tf.cast(mean, tf.float32)
+
+
+def center_crop(image, size):
+    """The central ``size x size`` crop of an ``[H, W, C]`` (or batched) image."""
+    height, width = tf.shape(image)[-3], tf.shape(image)[-2]
+    top = (height - size) // 2
+    left = (width - size) // 2
+    return image[..., top : top + size, left : left + size, :]
+
+
+def pca_lighting_offset(seed, alpha_std=paper.PCA_ALPHA_STD):
+    """The paper's PCA colour offset on the 0-255 scale (Sec. 4.1).
+
+    ``offset = 255 * P @ (alpha * lambda)`` with ``alpha ~ N(0, alpha_std)`` per
+    eigenvector, ``P`` and ``lambda`` the eigenvectors (columns) and eigenvalues of the
+    ImageNet RGB pixel covariance for pixels in [0, 1]. One offset per image per
+    presentation, added to every pixel.
+    """
+    alpha = tf.random.stateless_normal([3], seed=seed, stddev=alpha_std)
+    eigvec = tf.constant(paper.PCA_EIGVEC, tf.float32)
+    eigval = tf.constant(paper.PCA_EIGVAL, tf.float32)
+    return 255.0 * tf.linalg.matvec(eigvec, alpha * eigval)
+
+
+def random_crop_flip(image, size, seed):
+    """A random ``size x size`` crop and a horizontal flip with probability 1/2."""
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    image = tf.image.stateless_random_crop(image, (size, size, 3), seed=crop_seed)
+    return tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+
+
+def eval_from_image(image, image_size=paper.IMAGE_SIZE, mean=paper.IMAGENET_MEAN_RGB):
+    """Evaluation pixels from a decoded ``uint8 [H, W, 3]`` image: ``float32 [S, S, 3]``."""
+    return center_crop(subtract_mean(resize_to_square(image), mean), image_size)
+
+
+def eval_from_bytes(image_bytes, image_size=paper.IMAGE_SIZE, mean=paper.IMAGENET_MEAN_RGB):
+    """Evaluation pixels from encoded bytes: decode, 256 rescale/crop, mean, centre crop."""
+    return eval_from_image(decode_image(image_bytes), image_size, mean)
+
+
+def train_from_image(
+    image,
+    seed,
+    image_size=paper.IMAGE_SIZE,
+    mean=paper.IMAGENET_MEAN_RGB,
+    pca_std=paper.PCA_ALPHA_STD,
+):
+    """Training pixels from a decoded image: 256 rescale/crop, PCA noise, mean, crop, flip.
+
+    ``pca_std=0`` turns the colour noise off.
+    """
+    pca_seed, crop_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    image = resize_to_square(image)
+    if pca_std:
+        image = image + pca_lighting_offset(pca_seed, pca_std)
+    return random_crop_flip(subtract_mean(image, mean), image_size, crop_seed)
+
+
+def train_from_bytes(image_bytes, seed, image_size=paper.IMAGE_SIZE,
+                     mean=paper.IMAGENET_MEAN_RGB, pca_std=paper.PCA_ALPHA_STD):
+    """`train_from_image` on encoded bytes."""
+    return train_from_image(decode_image(image_bytes), seed, image_size, mean, pca_std)
+
+
+def resolve_mean(mean):
+    """A mean as a float32 NumPy array: ``"imagenet"``, a sequence of 3, or a ``.npy`` path."""
+    if mean is None or (isinstance(mean, str) and mean == "imagenet"):
+        return np.asarray(paper.IMAGENET_MEAN_RGB, np.float32)
+    if isinstance(mean, str):
+        array = np.load(mean)
+    else:
+        array = np.asarray(mean, np.float32)
+    if array.shape not in ((3,), (paper.RESIZE_SIZE, paper.RESIZE_SIZE, 3)):
+        raise ValueError(
+            f"A mean must have shape (3,) or ({paper.RESIZE_SIZE}, {paper.RESIZE_SIZE}, 3). "
+            f"Received shape {array.shape} from {mean!r}."
+        )
+    return array.astype(np.float32)

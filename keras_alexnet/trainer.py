@@ -1,0 +1,206 @@
+"""A training run: model, optimiser, data, callbacks, resume, evaluation and export.
+
+`run` trains with ``model.fit`` and leaves in the run directory::
+
+    config.json          the resolved `TrainConfig`
+    checkpoints/         epoch_NNNN.keras (model + optimiser), the newest `keep_checkpoints`
+    state.json           last finished epoch and learning-rate schedule state
+    history.csv          loss, top-1, top-5 (train and validation) and lr per epoch
+    logs/                TensorBoard event files
+    export.json          where the final SavedModel went
+
+Every file is written to a temporary name and renamed into place, so an interrupted
+run never leaves a half-written checkpoint; rerunning the same command resumes from
+the newest checkpoint.
+"""
+
+import dataclasses
+import json
+import os
+import pathlib
+import time
+
+import keras
+
+from keras_alexnet import datasets, export, input_pipeline, preprocessing
+from keras_alexnet.config import TrainConfig
+from keras_alexnet.model import AlexNet
+
+# Fields that may change between a run and its resumption.
+RESUMABLE_CHANGES = ("epochs", "data_dir", "keep_checkpoints")
+
+
+def build_model(config, num_classes):
+    """The `AlexNet` a configuration describes."""
+    return AlexNet(num_classes=num_classes, seed=config.seed, **config.model_kwargs())
+
+
+def build_optimizer(config):
+    """SGD with momentum (the paper; decay comes from the model's L2 terms) or Adam."""
+    if config.optimizer == "sgd":
+        return keras.optimizers.SGD(learning_rate=config.learning_rate, momentum=config.momentum)
+    if config.optimizer == "adam":
+        return keras.optimizers.Adam(learning_rate=config.learning_rate)
+    raise ValueError(f"`optimizer` must be 'sgd' or 'adam'. Received: {config.optimizer!r}")
+
+
+def metrics():
+    """Top-1 and top-5 accuracy on integer labels (error = 1 - accuracy)."""
+    return [
+        keras.metrics.SparseCategoricalAccuracy(name="top1"),
+        keras.metrics.SparseTopKCategoricalAccuracy(k=5, name="top5"),
+    ]
+
+
+def compile_model(model, config):
+    model.compile(
+        optimizer=build_optimizer(config),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=metrics(),
+    )
+    return model
+
+
+def write_atomic(path, text):
+    """Writes ``text`` to ``path`` through a temporary file and a rename."""
+    path = pathlib.Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class PlateauSchedule(keras.callbacks.Callback):
+    """Divides the learning rate by 10 when validation top-1 stops improving (Sec. 5).
+
+    At most ``max_drops`` times, after ``patience`` epochs without a new best. Its state
+    (best, wait, drops) is saved with each checkpoint so a resumed run continues it.
+    """
+
+    def __init__(self, max_drops, patience, factor=0.1, monitor="val_top1"):
+        super().__init__()
+        self.max_drops, self.patience, self.factor, self.monitor = (
+            max_drops, patience, factor, monitor)
+        self.best, self.wait, self.drops = -1.0, 0, 0
+
+    def get_state(self):
+        return {"best": self.best, "wait": self.wait, "drops": self.drops}
+
+    def set_state(self, state):
+        self.best, self.wait, self.drops = state["best"], state["wait"], state["drops"]
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs if logs is not None else {}
+        logs["lr"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        value = logs.get(self.monitor)
+        if value is None:
+            return
+        if value > self.best:
+            self.best, self.wait = value, 0
+            return
+        self.wait += 1
+        if self.wait >= self.patience and self.drops < self.max_drops:
+            self.model.optimizer.learning_rate.assign(logs["lr"] * self.factor)
+            self.drops += 1
+            self.wait = 0
+            print(f"\nEpoch {epoch + 1}: validation top-1 plateaued; learning rate "
+                  f"{logs['lr']:.2e} -> {logs['lr'] * self.factor:.2e} (drop {self.drops})")
+
+
+class AtomicCheckpoint(keras.callbacks.Callback):
+    """Saves ``checkpoints/epoch_NNNN.keras`` after each epoch, atomically, and prunes.
+
+    The model (with optimiser state) goes to a temporary file that is renamed into
+    place; then ``state.json`` records the epoch and the schedule state. A checkpoint
+    is only trusted once ``state.json`` names it.
+    """
+
+    def __init__(self, run_dir, schedule, keep):
+        super().__init__()
+        self.run_dir = pathlib.Path(run_dir)
+        self.dir = self.run_dir / "checkpoints"
+        self.schedule, self.keep = schedule, max(1, keep)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / f"epoch_{epoch + 1:04d}.keras"
+        tmp = self.dir / f".epoch_{epoch + 1:04d}.tmp.keras"
+        self.model.save(tmp)
+        os.replace(tmp, path)
+        state = {"epoch": epoch + 1, "checkpoint": path.name, "schedule": self.schedule.get_state()}
+        write_atomic(self.run_dir / "state.json", json.dumps(state, indent=1))
+        for old in sorted(self.dir.glob("epoch_*.keras"))[: -self.keep]:
+            old.unlink()
+
+
+def _check_resumable(saved, config):
+    old, new = dataclasses.asdict(saved), dataclasses.asdict(config)
+    changed = [k for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k]]
+    if changed:
+        details = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed)
+        raise ValueError(
+            f"The run directory holds a run with a different configuration ({details}). "
+            "Rerun with the original flags to resume it, or choose a new --run-dir."
+        )
+
+
+def run(config, run_dir, export_dir="models/alexnet", *, verbose=1, do_export=True):
+    """Trains (or resumes) the run in ``run_dir`` and exports a SavedModel version.
+
+    Returns a dict with the final validation ``val_top1``/``val_top5`` (accuracies),
+    ``val_loss``, the ``epochs`` trained, ``seconds`` of wall time and ``export_path``.
+    """
+    start = time.time()
+    run_dir = pathlib.Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / "config.json"
+    state_path = run_dir / "state.json"
+    state = None
+    if config_path.exists():
+        _check_resumable(TrainConfig.from_dict(json.loads(config_path.read_text())), config)
+        if state_path.exists():
+            state = json.loads(state_path.read_text())
+    write_atomic(config_path, config.to_json())
+    keras.utils.set_random_seed(config.seed)
+
+    source = datasets.load(config.dataset, data_dir=config.data_dir)
+    mean = preprocessing.resolve_mean(config.mean)
+    train_ds = input_pipeline.training_dataset(
+        source.train, config.batch_size, image_size=config.image_size, mean=mean,
+        pca_std=config.pca_std, seed=config.seed)
+    val_ds = input_pipeline.evaluation_dataset(
+        source.validation, config.batch_size, image_size=config.image_size, mean=mean)
+
+    schedule = PlateauSchedule(config.lr_drops, config.plateau_patience)
+    initial_epoch = 0
+    if state is not None:
+        checkpoint = run_dir / "checkpoints" / state["checkpoint"]
+        model = keras.saving.load_model(checkpoint)
+        schedule.set_state(state["schedule"])
+        initial_epoch = state["epoch"]
+        print(f"Resuming {run_dir} from {checkpoint.name} (epoch {initial_epoch}).")
+    else:
+        model = compile_model(build_model(config, source.num_classes), config)
+
+    callbacks = [
+        schedule,
+        keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
+        keras.callbacks.TensorBoard(str(run_dir / "logs"), write_graph=False),
+        AtomicCheckpoint(run_dir, schedule, config.keep_checkpoints),
+    ]
+    if initial_epoch < config.epochs:
+        model.fit(train_ds, validation_data=val_ds, epochs=config.epochs,
+                  initial_epoch=initial_epoch, callbacks=callbacks, verbose=verbose)
+    results = model.evaluate(val_ds, return_dict=True, verbose=0)
+    summary = {
+        "val_loss": float(results["loss"]),
+        "val_top1": float(results["top1"]),
+        "val_top5": float(results["top5"]),
+        "epochs": config.epochs,
+        "export_path": None,
+    }
+    if do_export:
+        path = export.export_saved_model(model, export_dir, source.display_names, mean=mean)
+        summary["export_path"] = str(path)
+        write_atomic(run_dir / "export.json", json.dumps({"path": str(path)}))
+    summary["seconds"] = time.time() - start
+    return summary
