@@ -1,0 +1,386 @@
+"""A Python stand-in for `tensorflow_model_server`: TF Serving's gRPC and REST APIs.
+
+Serves versioned SavedModels (`<base_path>/<N>/`) over the `tensorflow.serving`
+`PredictionService` (Predict, Classify, Regress, MultiInference, GetModelMetadata) and
+`ModelService` (GetModelStatus, HandleReloadConfigRequest), with the services, flags, status
+codes and messages of TF Serving 2.21 (see docs/serving.md), so one client works against both.
+
+    python -m serving.server --port=8500 --rest_api_port=8501 \
+        --model_name=alexnet --model_base_path=$PWD/models/alexnet
+
+Departures from TF Serving: the port opens after the initial load, as upstream, but while no
+version exists yet the server polls every `--file_system_poll_wait_seconds` (at least 1 s)
+even if that flag is 0; no profiler, Prometheus endpoint, ALTS or request logging.
+"""
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from concurrent import futures
+
+import grpc
+from tensorflow_serving.apis import (
+    model_management_pb2,
+    model_service_pb2_grpc,
+    prediction_log_pb2,
+    prediction_service_pb2_grpc,
+)
+from tensorflow_serving.config import model_server_config_pb2
+
+from serving import _inference, _textproto
+from serving._batching import Batcher, BatchingOptions
+from serving._errors import ServingError
+from serving._manager import ModelManager, validate_config
+
+log = logging.getLogger("serving")
+
+VERSION = "2.21.0"
+WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
+MAX_WARMUP_RECORDS = 1000
+_SERVICES = ("tensorflow.serving.ModelService", "tensorflow.serving.PredictionService")
+
+
+def _deadline(context):
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def _handler(method):
+    """Wraps a servicer method: `ServingError` -> gRPC status, deadline checked after run."""
+
+    def wrapped(self, request, context):
+        try:
+            response = method(self, request, context)
+        except ServingError as e:
+            context.abort(e.code, e.message)
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+        return response
+
+    wrapped.__name__, wrapped.__doc__ = method.__name__, method.__doc__
+    return wrapped
+
+
+class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
+    """`tensorflow.serving.PredictionService` over a `ModelManager`."""
+
+    def __init__(self, manager, runner):
+        self.manager, self.runner = manager, runner
+
+    @_handler
+    def Predict(self, request, context):  # noqa: N802
+        return self.runner.predict(self.manager, request, _deadline(context))
+
+    @_handler
+    def Classify(self, request, context):  # noqa: N802
+        return self.runner.classify(self.manager, request, _deadline(context))
+
+    @_handler
+    def Regress(self, request, context):  # noqa: N802
+        return self.runner.regress(self.manager, request, _deadline(context))
+
+    @_handler
+    def MultiInference(self, request, context):  # noqa: N802
+        return self.runner.multi_inference(self.manager, request, _deadline(context))
+
+    @_handler
+    def GetModelMetadata(self, request, context):  # noqa: N802
+        return _inference.get_model_metadata(self.manager, request)
+
+
+class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
+    """`tensorflow.serving.ModelService` over a `ModelManager`."""
+
+    def __init__(self, manager):
+        self.manager = manager
+
+    @_handler
+    def GetModelStatus(self, request, context):  # noqa: N802
+        return _inference.get_model_status(self.manager, request)
+
+    def HandleReloadConfigRequest(self, request, context):  # noqa: N802
+        response = model_management_pb2.ReloadConfigResponse()
+        try:
+            self.manager.reload_config(request.config)
+        except ServingError as e:
+            response.status.error_code = e.code.value[0]
+            response.status.error_message = e.message
+            context.set_code(e.code)
+            context.set_details(e.message)
+        return response
+
+
+class _Pinned:
+    def __init__(self, servable):
+        self.servable = servable
+
+    def resolve(self, model_spec):
+        return self.servable
+
+
+def make_warmup(runner, iterations=1):
+    """Returns a load hook replaying `assets.extra/tf_serving_warmup_requests` (a TFRecord of
+    `PredictionLog`s, at most 1000); any failure fails the load, as in TF Serving."""
+    import tensorflow as tf
+
+    def warmup(servable):
+        path = os.path.join(servable.path, WARMUP_FILE)
+        if not os.path.exists(path):
+            log.info("No warmup data file found at %s", path)
+            return
+        records = []
+        try:
+            for record in tf.data.TFRecordDataset(path):
+                records.append(record.numpy())
+                if len(records) > MAX_WARMUP_RECORDS:
+                    raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                                       f"Number of warmup records exceeds the maximum "
+                                       f"({MAX_WARMUP_RECORDS}) at {path}")
+        except tf.errors.DataLossError as e:
+            raise ServingError(grpc.StatusCode.DATA_LOSS,
+                               f"{e.message}. Please verify your warmup data is in TFRecord "
+                               "format.") from None
+        pinned = _Pinned(servable)
+        for record in records:
+            try:
+                entry = prediction_log_pb2.PredictionLog.FromString(record)
+            except Exception:
+                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   "Failed to parse warmup record") from None
+            kind = entry.WhichOneof("log_type")
+            call = {"predict_log": runner.predict, "classify_log": runner.classify,
+                    "regress_log": runner.regress,
+                    "multi_inference_log": runner.multi_inference}.get(kind)
+            if call is None:
+                raise ServingError(grpc.StatusCode.UNIMPLEMENTED,
+                                   "Unsupported log_type for warmup")
+            request = getattr(entry, kind).request
+            for _ in range(max(iterations, 1)):
+                call(pinned, request)
+
+    return warmup
+
+
+def parse_channel_arguments(text):
+    """Parses `--grpc_channel_arguments` ("k=v,k=v"; integers passed as integers)."""
+    options = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, _, value = item.partition("=")
+        try:
+            options.append((key, int(value)))
+        except ValueError:
+            options.append((key, value))
+    return options
+
+
+def build_config(args):
+    """The `ModelServerConfig` from `--model_config_file`, or from the single-model flags."""
+    if args.model_config_file:
+        return _textproto.parse_model_server_config(args.model_config_file)
+    config = model_server_config_pb2.ModelServerConfig()
+    model = config.model_config_list.config.add()
+    model.name, model.base_path, model.model_platform = (
+        args.model_name, args.model_base_path, "tensorflow")
+    return config
+
+
+class ModelServer:
+    """The running server: model manager, gRPC server, optional REST server.
+
+    Build it with `ModelServer(args)` from `build_parser().parse_args(...)`, then `start()`
+    (blocks until the initial versions load) and `stop()` (drains in-flight requests).
+    """
+
+    def __init__(self, args):
+        self.args = args
+        config = build_config(args)
+        validate_config(config)
+        self.batcher = None
+        self.runner = _inference.Runner(
+            enable_signature_method_name_check=args.enable_signature_method_name_check)
+        if args.enable_batching:
+            params = (_textproto.parse_file(args.batching_parameters_file,
+                                            _textproto.BatchingParameters)
+                      if args.batching_parameters_file else None)
+            self.batcher = Batcher(BatchingOptions(params, os.cpu_count() or 1),
+                                   _inference.run_signature)
+            self.runner.batcher = self.batcher
+        self.manager = ModelManager(
+            config,
+            poll_wait_seconds=args.file_system_poll_wait_seconds,
+            max_num_load_retries=args.max_num_load_retries,
+            load_retry_interval_s=args.load_retry_interval_micros / 1e6,
+            tags=args.saved_model_tags.split(","),
+            warmup=(make_warmup(self.runner, args.num_request_iterations_for_warmup)
+                    if args.enable_model_warmup else None),
+            allow_labels_for_unavailable=args.allow_version_labels_for_unavailable_models,
+        )
+        self.ssl_config = (_textproto.parse_file(args.ssl_config_file, _textproto.SSLConfig)
+                           if args.ssl_config_file else None)
+        self.grpc_server = self.http_server = self._http_thread = None
+        self._config_thread = None
+        self._stopped = threading.Event()
+
+    def start(self):
+        """Loads the initial versions, then opens the gRPC (and REST) ports."""
+        args = self.args
+        self.manager.start()
+        options = [("grpc.max_receive_message_length", -1),
+                   ("grpc.max_send_message_length", -1), ("grpc.so_reuseport", 0)]
+        options += parse_channel_arguments(args.grpc_channel_arguments)
+        workers = args.grpc_max_threads or 4 * (os.cpu_count() or 1)
+        self.grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
+                                       options=options)
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+            PredictionServicer(self.manager, self.runner), self.grpc_server)
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(
+            ModelServicer(self.manager), self.grpc_server)
+        if args.enable_grpc_healthcheck_service:
+            from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+            self.health = health.HealthServicer()
+            for service in ("",) + _SERVICES:
+                self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
+        credentials = None
+        if self.ssl_config is not None:
+            ssl = self.ssl_config
+            credentials = grpc.ssl_server_credentials(
+                [(ssl.server_key.encode(), ssl.server_cert.encode())],
+                root_certificates=ssl.custom_ca.encode() if ssl.custom_ca else None,
+                require_client_auth=ssl.client_verify)
+        addresses = []
+        if args.port:
+            addresses.append(f"{args.bind_address}:{args.port}")
+        if args.grpc_socket_path:
+            addresses.append(f"unix:{args.grpc_socket_path}")
+        for address in addresses:
+            bound = (self.grpc_server.add_secure_port(address, credentials) if credentials
+                     else self.grpc_server.add_insecure_port(address))
+            if not bound:
+                raise ServingError(grpc.StatusCode.UNAVAILABLE, f"Failed to bind {address}")
+        self.grpc_server.start()
+        for address in addresses:
+            log.info("Running gRPC ModelServer at %s ...", address)
+        if args.rest_api_port:
+            from serving._rest import RestApi, make_http_server
+
+            api = RestApi(self.manager, self.runner, args.rest_api_timeout_in_ms / 1000)
+            self.http_server = make_http_server(api, args.bind_address, args.rest_api_port)
+            self._http_thread = threading.Thread(target=self.http_server.serve_forever,
+                                                 name="rest", daemon=True)
+            self._http_thread.start()
+            log.info("Exporting HTTP/REST API at:localhost:%d ...", args.rest_api_port)
+        if args.model_config_file and args.model_config_file_poll_wait_seconds > 0:
+            self._config_thread = threading.Thread(target=self._poll_config, daemon=True)
+            self._config_thread.start()
+
+    def _poll_config(self):
+        while not self._stopped.wait(self.args.model_config_file_poll_wait_seconds):
+            try:
+                self.manager.reload_config(build_config(self.args))
+            except (ServingError, _textproto.ConfigParseError, OSError) as e:
+                log.error("Failed to reload the model config: %s", e)
+
+    def stop(self, grace=30.0):
+        """Refuses new requests, waits up to `grace` seconds for in-flight ones, stops."""
+        self._stopped.set()
+        if self.http_server is not None:
+            self.http_server.shutdown()
+        if self.grpc_server is not None:
+            self.grpc_server.stop(grace).wait()
+        if self.http_server is not None:
+            self.http_server.server_close()  # Joins the request threads still running.
+        if self.batcher is not None:
+            self.batcher.stop()
+        self.manager.stop()
+
+
+def _bool(text):
+    value = str(text).lower()
+    if value in ("1", "true", "yes", "t", "y"):
+        return True
+    if value in ("0", "false", "no", "f", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"Expected a boolean. Received: {text!r}")
+
+
+def build_parser():
+    """Flags named like `tensorflow_model_server`'s, with its defaults."""
+    parser = argparse.ArgumentParser(
+        prog="alexnet-serve", description="TF Serving compatible model server (Python).")
+
+    def flag(name, default, kind=str, help=None):  # noqa: A002
+        if kind is bool:
+            parser.add_argument(name, type=_bool, nargs="?", const=True, default=default,
+                                help=help)
+        else:
+            parser.add_argument(name, type=kind, default=default, help=help)
+
+    flag("--port", 8500, int, "gRPC port (0 disables TCP; then use --grpc_socket_path)")
+    flag("--grpc_socket_path", "", str, "also serve gRPC on unix:<path>")
+    flag("--rest_api_port", 0, int, "REST port; 0 disables REST")
+    flag("--rest_api_timeout_in_ms", 30000, int)
+    flag("--bind_address", "0.0.0.0", str, "interface to listen on (stand-in only)")
+    flag("--model_name", "default", str)
+    flag("--model_base_path", "", str)
+    flag("--model_config_file", "", str, "text ModelServerConfig; overrides the two above")
+    flag("--model_config_file_poll_wait_seconds", 0, int)
+    flag("--file_system_poll_wait_seconds", 1, float)
+    flag("--max_num_load_retries", 5, int)
+    flag("--load_retry_interval_micros", 60_000_000, int)
+    flag("--enable_batching", False, bool)
+    flag("--batching_parameters_file", "", str, "text BatchingParameters")
+    flag("--grpc_channel_arguments", "", str, "k=v,k=v gRPC server arguments")
+    flag("--grpc_max_threads", 0, int, "gRPC worker threads; 0 = 4 x CPUs")
+    flag("--saved_model_tags", "serve", str)
+    flag("--enable_model_warmup", True, bool)
+    flag("--num_request_iterations_for_warmup", 0, int)
+    flag("--ssl_config_file", "", str, "text SSLConfig with PEM contents")
+    flag("--enable_signature_method_name_check", False, bool)
+    flag("--enable_grpc_healthcheck_service", False, bool)
+    flag("--allow_version_labels_for_unavailable_models", False, bool)
+    flag("--shutdown_grace_seconds", 30.0, float, "how long SIGTERM waits for in-flight work")
+    parser.add_argument("--version", action="store_true", help="print versions and exit")
+    return parser
+
+
+def main(argv=None):
+    """Runs the server until SIGTERM or SIGINT, then drains and returns 0."""
+    args = build_parser().parse_args(argv)
+    if args.version:
+        import tensorflow as tf
+
+        print(f"TensorFlow ModelServer: {VERSION}-python\nTensorFlow Library: {tf.__version__}")
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    if args.batching_parameters_file and not args.enable_batching:
+        print("--batching_parameters_file is set without --enable_batching", file=sys.stderr)
+        return 1
+    if not args.model_config_file and not args.model_base_path:
+        print("Both server_model_config and model_base_path are empty!", file=sys.stderr)
+        return 1
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        server = ModelServer(args)
+        server.start()
+    except (ServingError, _textproto.ConfigParseError, ValueError, OSError) as e:
+        print(f"Failed to start server. Error: {e}", file=sys.stderr)
+        return 255
+    while not stop.wait(1.0):
+        pass
+    log.info("Shutting down: draining in-flight requests")
+    server.stop(args.shutdown_grace_seconds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
