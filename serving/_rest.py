@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import grpc
 import numpy as np
 from google.protobuf import json_format
-from tensorflow.core.example import example_pb2
+from tensorflow.core.example import example_pb2, feature_pb2
 from tensorflow.core.framework import types_pb2
 from tensorflow_serving.apis import (
     classification_pb2,
@@ -150,7 +150,7 @@ def _to_json(array, alias):
 
 def _feature(value):
     values = value if isinstance(value, list) else [value]
-    feature = example_pb2.Feature()
+    feature = feature_pb2.Feature()
     if all(isinstance(v, bool) or isinstance(v, int) for v in values) and values:
         feature.int64_list.value.extend(int(v) for v in values)
     elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) and values:
@@ -187,6 +187,8 @@ class RestApi:
             return 200, self._dispatch(method, path, body)
         except ServingError as e:
             return http_status(e.code), {"error": e.message}
+        except Exception as e:  # Never drop the connection without an answer.
+            return 500, {"error": f"{type(e).__name__}: {e}"}
 
     def _dispatch(self, method, path, body):
         path = path.split("?", 1)[0]
