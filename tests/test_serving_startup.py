@@ -1,0 +1,107 @@
+"""Startup, TLS and configuration of the embedded server, and the client's retries."""
+
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+from serving import client as serving_client
+from tests._serving_fixtures import REPO, ServerProcess, free_port, write_half_plus_two
+
+
+def _openssl_cert(directory):
+    """A self-signed certificate for `localhost`, made with the openssl CLI."""
+    key, cert = directory / "server.key", directory / "server.crt"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+         "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60)
+    return key.read_text(), cert.read_text()
+
+
+def _hp2_request():
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "hp2"
+    request.inputs["x"].dtype = 1  # DT_FLOAT
+    request.inputs["x"].float_val.append(2.0)
+    return request
+
+
+def test_tls_round_trip_after_waiting_for_the_first_version(tmp_path):
+    import shutil
+
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl CLI is needed to make a test certificate")
+    key, cert = _openssl_cert(tmp_path)
+    ssl_config = tmp_path / "ssl.config"
+    ssl_config.write_text(f"server_key: {key!r}\nserver_cert: {cert!r}\n"
+                          "client_verify: false\n".replace("'", '"'))
+    base = tmp_path / "hp2"
+    base.mkdir()
+    process = ServerProcess(tmp_path, "--model_name=hp2", f"--model_base_path={base}",
+                            f"--ssl_config_file={ssl_config}")
+    credentials = grpc.ssl_channel_credentials(root_certificates=cert.encode())
+    options = [("grpc.ssl_target_name_override", "localhost")]
+
+    def publish_later():
+        time.sleep(4)
+        write_half_plus_two(base / ".tmp")
+        (base / ".tmp").rename(base / "7")
+
+    publisher = threading.Thread(target=publish_later)
+    try:
+        publisher.start()
+        process.start(credentials=(credentials, options))
+        assert (base / "7").exists(), "the port opened before any version was loaded"
+        with grpc.secure_channel(process.address, credentials, options) as channel:
+            response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(
+                _hp2_request(), timeout=30)
+        assert list(response.outputs["y"].float_val) == [3.0]
+        assert response.model_spec.version.value == 7
+        with grpc.insecure_channel(process.address) as channel:
+            with pytest.raises(grpc.RpcError) as info:
+                prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(
+                    _hp2_request(), timeout=5)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(serving_client.ServingClientError) as info:
+            serving_client.classify([b"x"], server=process.address, model="hp2", tls=True,
+                                    root_certificates=cert.encode(),
+                                    server_name_override="localhost")
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT  # TLS worked; wrong inputs
+        assert process.terminate() == 0
+    finally:
+        publisher.join(30)
+        process.kill()
+
+
+def _run_server(*flags):
+    return subprocess.run([sys.executable, "-m", "serving.server", *flags], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_bad_configs_fail_startup(tmp_path):
+    config = tmp_path / "bad.config"
+    config.write_text("model_config_list { config { name: 'x' nonsense: 1 } }")
+    result = _run_server(f"--model_config_file={config}", f"--port={free_port()}")
+    assert result.returncode != 0
+    assert "Error parsing text-format tensorflow.serving.ModelServerConfig" in result.stderr
+    result = _run_server("--model_name=m", "--model_base_path=models/m",
+                         f"--port={free_port()}")
+    assert result.returncode != 0
+    assert "Expected model m to have an absolute path or URI; got base_path()=models/m" in (
+        result.stderr)
+
+
+def test_client_retries_unavailable_with_backoff_then_names_the_server():
+    address = f"127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    with pytest.raises(serving_client.ServingClientError) as info:
+        serving_client.classify([b"x"], server=address, timeout=2, retries=2, backoff=0.2)
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE
+    assert address in str(info.value) and "UNAVAILABLE" in str(info.value)
+    assert time.monotonic() - start >= 0.2 + 0.4
