@@ -1,0 +1,50 @@
+# keras-alexnet images. Two targets:
+#
+#   training: trains on a GPU and exports models/alexnet/<N>/ (mount runs/ and models/)
+#     docker build --target training -t keras-alexnet-train .
+#     docker run --gpus all -v "$PWD/runs:/opt/keras-alexnet/runs" \
+#       -v "$PWD/models:/opt/keras-alexnet/models" keras-alexnet-train --preset demo
+#
+#   serving (default): TensorFlow Serving with the exported versions baked in
+#     docker build --target serving -t keras-alexnet-serving .
+#     docker run -p 8500:8500 -p 8501:8501 keras-alexnet-serving
+#
+# tensorflow/serving is pinned to the tensorflow-serving-api version the client uses; move
+# both pins together.
+
+FROM tensorflow/tensorflow:2.21.0-gpu AS training
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN groupadd --gid 10001 alexnet \
+    && useradd --uid 10001 --gid alexnet --create-home --shell /bin/bash alexnet
+WORKDIR /opt/keras-alexnet
+# Packaging metadata first, sources after: code edits keep the cached dependency layer.
+COPY pyproject.toml setup.cfg README.md ./
+COPY keras_alexnet ./keras_alexnet
+COPY training ./training
+COPY serving ./serving
+RUN pip install --no-cache-dir . \
+    && mkdir -p runs models \
+    && chown alexnet:alexnet runs models
+USER 10001:10001
+VOLUME ["/opt/keras-alexnet/runs", "/opt/keras-alexnet/models"]
+ENTRYPOINT ["python", "training/train.py"]
+
+FROM tensorflow/serving:2.21.0 AS serving
+# The base image's entrypoint runs
+#   tensorflow_model_server --port=8500 --rest_api_port=8501 \
+#     --model_name=${MODEL_NAME} --model_base_path=${MODEL_BASE_PATH}/${MODEL_NAME} "$@"
+# so CMD only appends flags; --model_config_file takes precedence over the name/path pair.
+RUN groupadd --system --gid 10001 serving \
+    && useradd --system --uid 10001 --gid serving --no-create-home --shell /usr/sbin/nologin serving
+COPY serving/models.config serving/batching.config /config/
+COPY models/alexnet /models/alexnet
+ENV MODEL_NAME=alexnet \
+    MODEL_BASE_PATH=/models
+USER 10001:10001
+EXPOSE 8500 8501
+CMD ["--model_config_file=/config/models.config", \
+     "--enable_batching", \
+     "--batching_parameters_file=/config/batching.config", \
+     "--file_system_poll_wait_seconds=30"]
