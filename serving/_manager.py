@@ -19,13 +19,13 @@ import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import get_model_status_pb2
 
-from serving._errors import ServingError, code_from_number
+from serving._errors import ServingError
 
 log = logging.getLogger("serving")
 
 State = get_model_status_pb2.ModelVersionStatus.State
 _VERSION_DIR = re.compile(r"^\d+$")
-_OK, _UNKNOWN, _DATA_LOSS = 0, 2, 15
+_OK, _UNKNOWN = 0, 2
 
 
 class Servable:
@@ -329,8 +329,9 @@ class ModelManager:
                 aspired = aspired_versions(model.config.model_version_policy, found)
                 self._unload_retired(model, aspired)
                 for version in sorted(aspired, reverse=True):
-                    if version not in model.versions or model.versions[version].state in (
-                        State.END,) and model.versions[version].error_code == _OK:
+                    record = model.versions.get(version)
+                    # Never seen, or unloaded cleanly and aspired again; failures stay failed.
+                    if record is None or (record.state == State.END and record.error_code == _OK):
                         self._load(model, version, found[version])
                 self._unload_retired(model, aspired)
 

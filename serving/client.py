@@ -29,6 +29,8 @@ DEFAULT_MODEL = "alexnet"
 DEFAULT_SIGNATURE = "serving_default"
 # Requests stay under gRPC's common 4 MiB receive default, with room for the envelope.
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024 - 64 * 1024
+# serving/batching.config's max_batch_size: larger requests fail with INVALID_ARGUMENT there.
+DEFAULT_MAX_BATCH_SIZE = 64
 
 
 class Prediction(NamedTuple):
@@ -109,7 +111,8 @@ class Client:
         timeout: seconds per request (the server's run deadline too).
         retries: extra attempts after UNAVAILABLE, with exponential backoff from `backoff`
             seconds; other codes are raised at once.
-        max_request_bytes, max_batch_size: how to split large batches.
+        max_request_bytes, max_batch_size: how to split large batches (None: no count
+            limit); the default count matches serving/batching.config.
         tls: use TLS; `root_certificates`, `private_key`, `certificate_chain` are PEM bytes
             (or paths) for the server's CA and an optional client certificate;
             `server_name_override` sets the name checked against the certificate.
@@ -118,7 +121,7 @@ class Client:
 
     def __init__(self, server=DEFAULT_SERVER, model=DEFAULT_MODEL, version=None, *,
                  signature=DEFAULT_SIGNATURE, timeout=30.0, retries=3, backoff=0.5,
-                 max_request_bytes=DEFAULT_MAX_REQUEST_BYTES, max_batch_size=None, tls=False,
+                 max_request_bytes=DEFAULT_MAX_REQUEST_BYTES, max_batch_size=DEFAULT_MAX_BATCH_SIZE, tls=False,
                  root_certificates=None, private_key=None, certificate_chain=None,
                  server_name_override=None, max_receive_bytes=-1):
         self.server, self.model, self.version, self.signature = server, model, version, signature
@@ -203,7 +206,8 @@ def build_parser():
     parser.add_argument("--version", type=int, default=None, help="default: latest")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
     parser.add_argument("--retries", type=int, default=3, help="retries on UNAVAILABLE")
-    parser.add_argument("--max-batch-size", type=int, default=None)
+    parser.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
+                        help="images per request")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     tls = parser.add_argument_group("TLS")
     tls.add_argument("--tls", action="store_true", help="use TLS with the system roots")

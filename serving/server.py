@@ -367,11 +367,21 @@ def main(argv=None):
         print("Both server_model_config and model_base_path are empty!", file=sys.stderr)
         return 1
     stop = threading.Event()
+    server = None
+
+    def on_signal(*_):
+        stop.set()
+        if server is not None:
+            server.manager.stop()  # Ends a start() still waiting for the first versions.
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, on_signal)
     try:
         server = ModelServer(args)
         server.start()
+        if stop.is_set():
+            server.stop(0)
+            return 0
     except (ServingError, _textproto.ConfigParseError, ValueError, OSError) as e:
         print(f"Failed to start server. Error: {e}", file=sys.stderr)
         return 255
