@@ -46,5 +46,4 @@ USER 10001:10001
 EXPOSE 8500 8501
 CMD ["--model_config_file=/config/models.config", \
      "--enable_batching", \
-     "--batching_parameters_file=/config/batching.config", \
-     "--file_system_poll_wait_seconds=30"]
+     "--batching_parameters_file=/config/batching.config"]

@@ -215,7 +215,8 @@ class ModelManager:
         if failed:
             raise ServingError(
                 grpc.StatusCode.UNKNOWN,
-                f"{len(failed)} servable(s) did not become available: {{{failed}}}",
+                f"{len(failed)} servable(s) did not become available: "
+                f"{{{', '.join(failed)}}}",
             )
         self._assign_labels(self._config(), check=False)
         if self.poll_wait_seconds > 0:
@@ -247,7 +248,7 @@ class ModelManager:
         if failed:
             raise ServingError(
                 grpc.StatusCode.UNKNOWN,
-                f"{len(failed)} model(s) did not become available: {{{failed}}}",
+                f"{len(failed)} model(s) did not become available: {{{', '.join(failed)}}}",
             )
         self._assign_labels(config, check=not self.allow_labels_for_unavailable)
 
@@ -294,7 +295,7 @@ class ModelManager:
                         f"{{name: {model.config.name} version: {version}}} due to error: "
                         f"{v.error_message}"
                     )
-        return ", ".join(parts)
+        return parts
 
     # Polling, loading, unloading.
 

@@ -16,6 +16,7 @@ even if that flag is 0; no profiler, Prometheus endpoint, ALTS or request loggin
 import argparse
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -142,9 +143,10 @@ def make_warmup(runner, iterations=1):
                                        f"Number of warmup records exceeds the maximum "
                                        f"({MAX_WARMUP_RECORDS}) at {path}")
         except tf.errors.DataLossError as e:
+            detail = re.sub(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:.*$", "", e.message)
             raise ServingError(grpc.StatusCode.DATA_LOSS,
-                               f"{e.message}. Please verify your warmup data is in TFRecord "
-                               "format.") from None
+                               f"Data loss: {detail} at {path}. Please verify your warmup data "
+                               "is in TFRecord format.") from None
         pinned = _Pinned(servable)
         for record in records:
             try:

@@ -274,6 +274,12 @@ def test_long_messages_are_truncated_at_1024(stub):
     assert len(details) == 1024 + len("...TRUNCATED") and details.endswith("...TRUNCATED")
 
 
+def test_deadline_exceeded(stub):
+    code, _ = _error(lambda r, timeout: stub.Predict(r, timeout=0.001),
+                     _image_request(_images() * 16))
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 def test_large_request_and_response(server, stub):
     values = np.arange(2_621_440, dtype=np.float32)  # 10 MiB each way
     request = _hp2_request(values=(), shape=())

@@ -318,3 +318,65 @@ def test_dockerfile_serving_and_training_targets():
     assert '"training/train.py"' in training and re.search(r"(?m)^USER (?!root|0)\S+", training)
     compose = (REPO / "docker-compose.yml").read_text()
     assert "./models/alexnet:/models/alexnet" in compose and "target: serving" in compose
+
+
+# Warm-up (§9.7) and the method-name check (row 15).
+
+
+def _hp2_manager(base, warmup):
+    from serving._inference import Runner
+    from serving.server import make_warmup
+
+    config = _config(("hp2", base, {}))
+    return ModelManager(config, poll_wait_seconds=-1, max_num_load_retries=0,
+                        warmup=make_warmup(Runner()) if warmup else None)
+
+
+def test_warmup_replays_predict_logs_and_bad_files_fail_the_load(tmp_path):
+    from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+
+    good = write_half_plus_two(tmp_path / "good" / "1")
+    (good / "assets.extra").mkdir()
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "name_is_irrelevant"
+    request.inputs["x"].CopyFrom(from_ndarray(np.array([1.0], np.float32)))
+    with tf.io.TFRecordWriter(str(good / "assets.extra" / "tf_serving_warmup_requests")) as w:
+        w.write(prediction_log_pb2.PredictionLog(
+            predict_log=prediction_log_pb2.PredictLog(request=request)).SerializeToString())
+    manager = _hp2_manager(tmp_path / "good", warmup=True)
+    manager.start()
+    assert manager.version_states("hp2") == [(1, 30, 0, "")]
+
+    bad = write_half_plus_two(tmp_path / "bad" / "1")
+    (bad / "assets.extra").mkdir()
+    (bad / "assets.extra" / "tf_serving_warmup_requests").write_bytes(b"garbage" * 10)
+    manager = _hp2_manager(tmp_path / "bad", warmup=True)
+    with pytest.raises(ServingError, match="1 servable\\(s\\) did not become available"):
+        manager.start()
+    ((version, state, code, message),) = manager.version_states("hp2")
+    assert (state, code) == (50, grpc.StatusCode.DATA_LOSS.value[0])
+    assert "TFRecord" in message
+
+
+def test_method_name_check_is_internal_for_odd_methods():
+    from tensorflow.core.protobuf import meta_graph_pb2
+    from tensorflow_serving.apis import model_pb2, predict_pb2
+
+    from serving._inference import Runner
+
+    class Servable:
+        version = 1
+        signature_defs = {"serving_default": meta_graph_pb2.SignatureDef(method_name="odd")}
+
+    class Manager:
+        def resolve(self, spec):
+            return Servable()
+
+    request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(name="m"))
+    with pytest.raises(ServingError) as info:
+        Runner(enable_signature_method_name_check=True).predict(Manager(), request)
+    assert info.value.code == grpc.StatusCode.INTERNAL
+    assert "Expected prediction signature method_name to be one of" in info.value.message
+    with pytest.raises(ServingError) as info:  # without the flag the input check comes next
+        Runner().predict(Manager(), request)
+    assert "input size does not match signature: 0!=0" in info.value.message
