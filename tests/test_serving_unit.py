@@ -380,3 +380,39 @@ def test_method_name_check_is_internal_for_odd_methods():
     with pytest.raises(ServingError) as info:  # without the flag the input check comes next
         Runner().predict(Manager(), request)
     assert "input size does not match signature: 0!=0" in info.value.message
+
+
+def test_config_file_polling_replaces_the_served_models(tmp_path):
+    from tensorflow_serving.apis import model_pb2
+
+    from serving.server import ModelServer, build_parser
+
+    write_half_plus_two(tmp_path / "hp" / "1")
+    config = tmp_path / "models.config"
+
+    def write(name):
+        config.write_text(f'model_config_list {{ config {{ name: "{name}" '
+                          f'base_path: "{tmp_path / "hp"}" model_platform: "tensorflow" }} }}')
+
+    write("half_plus_two")
+    args = build_parser().parse_args(["--port=0", f"--model_config_file={config}",
+                                      "--model_config_file_poll_wait_seconds=1"])
+    server = ModelServer(args)
+    server.start()
+    try:
+        assert server.manager.resolve(model_pb2.ModelSpec(name="half_plus_two")).version == 1
+        write("half_plus_three")
+        deadline = time.monotonic() + 20
+        while "half_plus_three" not in server.manager.model_names():
+            assert time.monotonic() < deadline, "config file change not picked up"
+            time.sleep(0.2)
+        while time.monotonic() < deadline:
+            try:
+                server.manager.resolve(model_pb2.ModelSpec(name="half_plus_three"))
+                break
+            except ServingError:
+                time.sleep(0.2)
+        with pytest.raises(ServingError, match=r"Latest\(half_plus_two\)"):
+            server.manager.resolve(model_pb2.ModelSpec(name="half_plus_two"))
+    finally:
+        server.stop(grace=1)

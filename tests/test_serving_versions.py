@@ -137,3 +137,27 @@ def test_a_version_that_fails_to_load_leaves_the_current_one_serving(server, bas
     response = client.predict(serving_client.build_predict_request(
         [IMAGES[0].read_bytes()], "alexnet"))
     assert response.model_spec.version.value == 2
+
+
+def test_reload_config_rpc(server, base):
+    from tensorflow_serving.apis import model_management_pb2
+    from tensorflow_serving.config import model_server_config_pb2
+
+    config = model_server_config_pb2.ModelServerConfig()
+    for _ in range(2):
+        config.model_config_list.config.add(
+            name="alexnet", base_path=str(base / "alexnet"), model_platform="tensorflow")
+    request = model_management_pb2.ReloadConfigRequest(config=config)
+    with grpc.insecure_channel(server.address) as channel:
+        stub = model_service_pb2_grpc.ModelServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.HandleReloadConfigRequest(request, timeout=30)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "Illegal to list model alexnet multiple times" in info.value.details()
+        del config.model_config_list.config[1]
+        config.model_config_list.config[0].model_version_policy.specific.versions.append(2)
+        response = stub.HandleReloadConfigRequest(
+            model_management_pb2.ReloadConfigRequest(config=config), timeout=60)
+    assert response.status.error_code == 0
+    rows = _status(server)
+    assert rows[0][:2] == (3, State.END) and rows[1] == (2, State.AVAILABLE, 0)
