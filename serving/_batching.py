@@ -95,8 +95,9 @@ class Batcher:
         task = _Task(feeds, size, deadline)
         with self._cond:
             queue = self._queues[key]
-            if queue and not queue[-1].closed and queue[-1].size + size <= self.options.max_batch_size:
-                batch = queue[-1]
+            open_batch = queue[-1] if queue and not queue[-1].closed else None
+            if open_batch and open_batch.size + size <= self.options.max_batch_size:
+                batch = open_batch
             else:
                 if len(queue) >= self.options.max_enqueued_batches:
                     raise ServingError(grpc.StatusCode.UNAVAILABLE,

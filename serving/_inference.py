@@ -98,9 +98,9 @@ class Runner:
                 grpc.StatusCode.INTERNAL,
                 "Expected prediction signature method_name to be one of "
                 f"{{{', '.join(PREDICT_METHODS)}}}. Was: {signature.method_name}")
-        feeds = decode_inputs(signature, request.inputs)
+        decoded = decode_inputs(signature, request.inputs)
         output_keys = check_output_filter(signature, request.output_filter)
-        check_input_dtypes(signature, feeds)
+        feeds = check_input_dtypes(signature, decoded)
         outputs = self.run(servable, signature_name, feeds, deadline)
         response = predict_pb2.PredictResponse()
         for alias in output_keys:
@@ -149,12 +149,13 @@ class Runner:
                 raise ServingError(
                     _INVALID, f"Expected {name} output batch size of {batch}. "
                     f"Got: {value.shape[0]}")
+        declared = {k: types_pb2.DataType.Name(v.dtype) for k, v in signature.outputs.items()}
         if scores is not None and scores.dtype != np.float32:
             raise ServingError(_INVALID, "Expected scores Tensor of DT_FLOAT. Got: "
-                                         f"{types_pb2.DataType.Name(signature.outputs['scores'].dtype)}")
+                                         f"{declared['scores']}")
         if classes is not None and classes.dtype != object:
             raise ServingError(_INVALID, "Expected classes Tensor of DT_STRING. Got: "
-                                         f"{types_pb2.DataType.Name(signature.outputs['classes'].dtype)}")
+                                         f"{declared['classes']}")
         if classes is not None and scores is not None and classes.shape != scores.shape:
             raise ServingError(_INVALID, "Tensors class and score should match in dim[1]. "
                                          f"Got {classes.shape[1]} vs. {scores.shape[1]}")
@@ -195,8 +196,8 @@ class Runner:
         if values.ndim == 2 and values.shape[1] == 1:
             values = values[:, 0]
         if values.ndim != 1 or values.shape[0] != len(examples):
-            raise ServingError(_INVALID, "Expected output Tensor shape to be either "
-                                         f"[batch_size] or [batch_size, 1] but got {list(values.shape)}")
+            raise ServingError(_INVALID, "Expected output Tensor shape to be either [batch_size] "
+                                         f"or [batch_size, 1] but got {list(values.shape)}")
         response = regression_pb2.RegressionResponse()
         for value in values:
             response.result.regressions.add().value = float(value)
@@ -245,6 +246,16 @@ class Runner:
         return response
 
 
+class Pinned:
+    """A manager stand-in resolving every `ModelSpec` to one servable (REST, warm-up)."""
+
+    def __init__(self, servable):
+        self.servable = servable
+
+    def resolve(self, model_spec):
+        return self.servable
+
+
 def _find_signature(servable, signature_name):
     signature = servable.signature_defs.get(signature_name)
     if signature is None:
@@ -257,7 +268,11 @@ def _text(value):
 
 
 def decode_inputs(signature, inputs):
-    """Matches request inputs to signature aliases and decodes them (steps 5-7)."""
+    """Matches request inputs to signature aliases and decodes them (steps 5-7).
+
+    Returns:
+        {alias: (array, DataType sent)}.
+    """
     requested, expected = set(inputs), set(signature.inputs)
     if len(requested) != len(expected) or not requested:
         raise ServingError(
@@ -273,14 +288,13 @@ def decode_inputs(signature, inputs):
                 f"Signature input alias: {alias}(feed name: {signature.inputs[alias].name}) not "
                 f"found in request and no default value provided. Inputs expected to be in the "
                 f"request {_braces(expected)}, or default input alias set: ")
-    feeds = {}
+    decoded = {}
     for alias in sorted(requested):
         try:
-            feeds[alias] = to_ndarray(inputs[alias])
+            decoded[alias] = (to_ndarray(inputs[alias]), inputs[alias].dtype)
         except TensorParseError:
             raise ServingError(_INVALID, f"tensor parsing error: {alias}") from None
-        feeds[alias] = (feeds[alias], inputs[alias].dtype)
-    return feeds
+    return decoded
 
 
 def check_output_filter(signature, output_filter):
@@ -297,16 +311,18 @@ def check_output_filter(signature, output_filter):
     return seen or sorted(signature.outputs)
 
 
-def check_input_dtypes(signature, feeds):
-    """Replaces `feeds` values by arrays after the session's dtype check (row 11)."""
-    for index, alias in enumerate(sorted(feeds)):
-        array, dtype = feeds[alias]
+def check_input_dtypes(signature, decoded):
+    """The session's dtype check (row 11); returns {alias: array} to feed."""
+    feeds = {}
+    for index, alias in enumerate(sorted(decoded)):
+        array, dtype = decoded[alias]
         expected = signature.inputs[alias].dtype
         if dtype != expected:
             raise ServingError(
                 _INVALID, f"Expects arg[{index}] to be {dtype_name(expected)} but "
                 f"{dtype_name(dtype)} is provided")
         feeds[alias] = array
+    return feeds
 
 
 def serialize_examples(request_input):

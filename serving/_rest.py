@@ -28,7 +28,7 @@ from tensorflow_serving.apis import (
 
 from serving import _inference
 from serving._errors import ServingError
-from serving._tensors import dtype_name, from_ndarray, to_ndarray
+from serving._tensors import dtype_name, from_ndarray, numpy_dtype, to_ndarray
 
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT
 _ROUTE = re.compile(
@@ -124,8 +124,7 @@ def json_to_array(value, dtype):
         array = np.empty(len(flat), dtype=object)
         array[:] = flat
         return array.reshape(shape)
-    proto_dtype = to_ndarray(from_ndarray(np.zeros(0), dtype=dtype)).dtype
-    return np.array(flat, dtype=proto_dtype).reshape(shape)
+    return np.array(flat, dtype=numpy_dtype(dtype)).reshape(shape)
 
 
 def _to_json(array, alias):
@@ -302,7 +301,7 @@ class RestApi:
             dtype = signature.inputs[alias].dtype if alias in signature.inputs else (
                 types_pb2.DT_FLOAT)
             predict.inputs[alias].CopyFrom(from_ndarray(json_to_array(value, dtype), dtype=dtype))
-        response = self.runner.predict(_Pinned(servable), predict, deadline)
+        response = self.runner.predict(_inference.Pinned(servable), predict, deadline)
         outputs = {alias: to_ndarray(t) for alias, t in response.outputs.items()}
         if "instances" in request:
             batch = {a.shape[0] if a.ndim else None for a in outputs.values()}
@@ -342,16 +341,6 @@ class RestApi:
 
 def _round(value):
     return value if math.isnan(value) or math.isinf(value) else float(str(np.float32(value)))
-
-
-class _Pinned:
-    """A manager stand-in that resolves every `ModelSpec` to one servable."""
-
-    def __init__(self, servable):
-        self.servable = servable
-
-    def resolve(self, model_spec):
-        return self.servable
 
 
 def make_http_server(api, host, port):

@@ -43,6 +43,13 @@ def dtype_name(dtype):
     return name[3:].lower() if name.startswith("DT_") else name
 
 
+def numpy_dtype(dtype):
+    """The NumPy dtype of a `DataType` enum value (`object` for DT_STRING)."""
+    if dtype not in _DTYPES:
+        raise TypeError(f"Unsupported dtype. Received: dtype={dtype_name(dtype)}")
+    return np.dtype(_DTYPES[dtype][0])
+
+
 def to_ndarray(proto):
     """Decodes a `TensorProto` into a NumPy array (`object` of `bytes` for DT_STRING).
 

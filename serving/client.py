@@ -121,9 +121,10 @@ class Client:
 
     def __init__(self, server=DEFAULT_SERVER, model=DEFAULT_MODEL, version=None, *,
                  signature=DEFAULT_SIGNATURE, timeout=30.0, retries=3, backoff=0.5,
-                 max_request_bytes=DEFAULT_MAX_REQUEST_BYTES, max_batch_size=DEFAULT_MAX_BATCH_SIZE, tls=False,
-                 root_certificates=None, private_key=None, certificate_chain=None,
-                 server_name_override=None, max_receive_bytes=-1):
+                 max_request_bytes=DEFAULT_MAX_REQUEST_BYTES,
+                 max_batch_size=DEFAULT_MAX_BATCH_SIZE, tls=False, root_certificates=None,
+                 private_key=None, certificate_chain=None, server_name_override=None,
+                 max_receive_bytes=-1):
         self.server, self.model, self.version, self.signature = server, model, version, signature
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
         self.max_request_bytes, self.max_batch_size = max_request_bytes, max_batch_size

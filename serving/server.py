@@ -116,14 +116,6 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
         return response
 
 
-class _Pinned:
-    def __init__(self, servable):
-        self.servable = servable
-
-    def resolve(self, model_spec):
-        return self.servable
-
-
 def make_warmup(runner, iterations=1):
     """Returns a load hook replaying `assets.extra/tf_serving_warmup_requests` (a TFRecord of
     `PredictionLog`s, at most 1000); any failure fails the load, as in TF Serving."""
@@ -147,7 +139,7 @@ def make_warmup(runner, iterations=1):
             raise ServingError(grpc.StatusCode.DATA_LOSS,
                                f"Data loss: {detail} at {path}. Please verify your warmup data "
                                "is in TFRecord format.") from None
-        pinned = _Pinned(servable)
+        pinned = _inference.Pinned(servable)
         for record in records:
             try:
                 entry = prediction_log_pb2.PredictionLog.FromString(record)

@@ -78,7 +78,8 @@ def test_batch_larger_than_max_batch_size_is_rejected(client):
         client.predict(serving_client.build_predict_request(images[:9], "alexnet"))
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "Task size 9 is larger than maximum input batch size 8" in info.value.details
-    assert len(serving_client.Client(client.server, max_batch_size=8).classify(images)) == len(images)
+    with serving_client.Client(client.server, max_batch_size=8) as splitting:
+        assert len(splitting.classify(images)) == len(images)
 
 
 def test_batched_concurrent_results_equal_unbatched(client):
