@@ -416,3 +416,26 @@ def test_config_file_polling_replaces_the_served_models(tmp_path):
             server.manager.resolve(model_pb2.ModelSpec(name="half_plus_two"))
     finally:
         server.stop(grace=1)
+
+
+def test_unix_socket_listener(tmp_path):
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    from serving.server import ModelServer, build_parser
+
+    write_half_plus_two(tmp_path / "hp" / "1")
+    socket_path = tmp_path / "grpc.sock"
+    server = ModelServer(build_parser().parse_args([
+        "--port=0", f"--grpc_socket_path={socket_path}", "--model_name=hp2",
+        f"--model_base_path={tmp_path / 'hp'}"]))
+    server.start()
+    try:
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = "hp2"
+        request.inputs["x"].CopyFrom(from_ndarray(np.array([2.0], np.float32)))
+        with grpc.insecure_channel(f"unix:{socket_path}") as channel:
+            response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(
+                request, timeout=30)
+        assert list(response.outputs["y"].float_val) == [3.0]
+    finally:
+        server.stop(grace=1)
