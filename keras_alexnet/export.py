@@ -189,7 +189,7 @@ def export_saved_model(model, base_dir, class_names, *, version=None, mean=None)
     if target.exists():
         raise ValueError(f"Version {version} already exists at {target}; export a new version.")
     base.mkdir(parents=True, exist_ok=True)
-    mean = preprocessing.resolve_mean(mean)
+    mean = preprocessing.resolve_mean(mean, int(model.input_shape[1]))
     endpoints = _Endpoints(model, class_names, mean)
     size = endpoints.size
 

@@ -15,6 +15,10 @@ encoded image of any size the steps are:
    (`train_from_bytes`) adds the paper's PCA colour noise before the mean subtraction
    and then takes a random ``image_size`` crop and a random horizontal flip (Sec. 4.1).
 
+Smaller inputs (``image_size`` below 227, for tests and demos) scale the whole
+recipe: the square side becomes ``round(image_size * 256 / 227)`` (`resize_size`), so
+a crop always covers the same 89% of the picture as the paper's 227 of 256.
+
 Random choices are stateless, driven by an explicit ``seed`` tensor of shape ``(2,)``,
 so a ``tf.data`` pipeline that hands each element its own seed is deterministic.
 """
@@ -35,6 +39,13 @@ def decode_image(image_bytes):
     image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
     return image
+
+
+def resize_size(image_size=paper.IMAGE_SIZE):
+    """Side of the square an ``image_size`` crop is taken from: 256 for the paper's 227."""
+    if image_size == paper.IMAGE_SIZE:
+        return paper.RESIZE_SIZE
+    return int(round(image_size * paper.RESIZE_SIZE / paper.IMAGE_SIZE))
 
 
 def resize_to_square(image, size=paper.RESIZE_SIZE):
@@ -93,7 +104,8 @@ def random_crop_flip(image, size, seed):
 
 def eval_from_image(image, image_size=paper.IMAGE_SIZE, mean=paper.IMAGENET_MEAN_RGB):
     """Evaluation pixels from a decoded ``uint8 [H, W, 3]`` image: ``float32 [S, S, 3]``."""
-    return center_crop(subtract_mean(resize_to_square(image), mean), image_size)
+    square = resize_to_square(image, resize_size(image_size))
+    return center_crop(subtract_mean(square, mean), image_size)
 
 
 def eval_from_bytes(image_bytes, image_size=paper.IMAGE_SIZE, mean=paper.IMAGENET_MEAN_RGB):
@@ -113,7 +125,7 @@ def train_from_image(
     ``pca_std=0`` turns the colour noise off.
     """
     pca_seed, crop_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    image = resize_to_square(image)
+    image = resize_to_square(image, resize_size(image_size))
     if pca_std:
         image = image + pca_lighting_offset(pca_seed, pca_std)
     return random_crop_flip(subtract_mean(image, mean), image_size, crop_seed)
@@ -125,17 +137,21 @@ def train_from_bytes(image_bytes, seed, image_size=paper.IMAGE_SIZE,
     return train_from_image(decode_image(image_bytes), seed, image_size, mean, pca_std)
 
 
-def resolve_mean(mean):
-    """A mean as a float32 NumPy array: ``"imagenet"``, a sequence of 3, or a ``.npy`` path."""
+def resolve_mean(mean, image_size=paper.IMAGE_SIZE):
+    """A mean as a float32 NumPy array: ``"imagenet"``, a sequence of 3, or a ``.npy`` path.
+
+    A per-pixel mean image must be ``resize_size(image_size)`` square.
+    """
     if mean is None or (isinstance(mean, str) and mean == "imagenet"):
         return np.asarray(paper.IMAGENET_MEAN_RGB, np.float32)
     if isinstance(mean, str):
         array = np.load(mean)
     else:
         array = np.asarray(mean, np.float32)
-    if array.shape not in ((3,), (paper.RESIZE_SIZE, paper.RESIZE_SIZE, 3)):
+    side = resize_size(image_size)
+    if array.shape not in ((3,), (side, side, 3)):
         raise ValueError(
-            f"A mean must have shape (3,) or ({paper.RESIZE_SIZE}, {paper.RESIZE_SIZE}, 3). "
-            f"Received shape {array.shape} from {mean!r}."
+            f"A mean must have shape (3,) or ({side}, {side}, 3) for {image_size}-pixel "
+            f"inputs. Received shape {array.shape} from {mean!r}."
         )
     return array.astype(np.float32)

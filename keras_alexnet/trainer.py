@@ -163,7 +163,7 @@ def run(config, run_dir, export_dir="models/alexnet", *, verbose=1, do_export=Tr
     keras.utils.set_random_seed(config.seed)
 
     source = datasets.load(config.dataset, data_dir=config.data_dir)
-    mean = preprocessing.resolve_mean(config.mean)
+    mean = preprocessing.resolve_mean(config.mean, config.image_size)
     train_ds = input_pipeline.training_dataset(
         source.train, config.batch_size, image_size=config.image_size, mean=mean,
         pca_std=config.pca_std, seed=config.seed)
