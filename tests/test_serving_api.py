@@ -29,7 +29,7 @@ from tensorflow_serving.apis import (
 
 from serving import client as serving_client
 from serving._tensors import from_ndarray
-from tests._serving_fixtures import (
+from _serving_fixtures import (
     IMAGES,
     ServerProcess,
     copy_version,

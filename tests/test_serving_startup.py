@@ -10,7 +10,7 @@ import pytest
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from serving import client as serving_client
-from tests._serving_fixtures import REPO, ServerProcess, free_port, write_half_plus_two
+from _serving_fixtures import REPO, ServerProcess, free_port, write_half_plus_two
 
 
 def _openssl_cert(directory):

@@ -21,7 +21,7 @@ from serving._errors import ServingError
 from serving._manager import ModelManager, aspired_versions, list_versions
 from serving._tensors import TensorParseError, from_ndarray, to_ndarray
 from serving.server import parse_channel_arguments
-from tests._serving_fixtures import REPO, write_half_plus_two
+from _serving_fixtures import REPO, write_half_plus_two
 
 
 # Tensor codec (§3.2 step 7, §11.2).
