@@ -23,11 +23,16 @@ class TrainConfig:
     ``weight_decay / 2`` on the kernels), ``lr_drops`` (divide by 10 on a validation
     top-1 plateau of ``plateau_patience`` epochs, at most this many times).
     Data: ``dataset``, ``data_dir``, ``batch_size``, ``epochs``, ``pca_std`` (0 turns PCA
-    colour noise off), ``mean`` (``"imagenet"``, three numbers, or a ``.npy`` path).
+    colour noise off), ``mean`` (``"imagenet"``, ``"image"`` for the paper's per-pixel
+    mean image of the training set, three numbers, or a ``.npy`` path), ``manual_dir``
+    (where the user's ImageNet archives are), ``val_split`` (held-out fraction for
+    folder datasets without a ``val`` folder).
     """
 
     dataset: str = "alexnet_shapes"
     data_dir: Optional[str] = None
+    manual_dir: Optional[str] = None
+    val_split: Optional[float] = None
     image_size: int = paper.IMAGE_SIZE
     width: float = 1.0
     towers: int = 2

@@ -27,7 +27,7 @@ from keras_alexnet.config import TrainConfig
 from keras_alexnet.model import AlexNet
 
 # Fields that may change between a run and its resumption.
-RESUMABLE_CHANGES = ("epochs", "data_dir", "keep_checkpoints")
+RESUMABLE_CHANGES = ("epochs", "data_dir", "manual_dir", "keep_checkpoints")
 
 
 def build_model(config, num_classes):
@@ -162,8 +162,14 @@ def run(config, run_dir, export_dir="models/alexnet", *, verbose=1, do_export=Tr
     write_atomic(config_path, config.to_json())
     keras.utils.set_random_seed(config.seed)
 
-    source = datasets.load(config.dataset, data_dir=config.data_dir)
-    mean = preprocessing.resolve_mean(config.mean, config.image_size)
+    source = datasets.load(config.dataset, data_dir=config.data_dir,
+                           manual_dir=config.manual_dir, val_split=config.val_split)
+    if config.mean == "image":
+        from keras_alexnet import mean_image
+
+        mean = mean_image.compute_or_load(source, config.data_dir, config.image_size)
+    else:
+        mean = preprocessing.resolve_mean(config.mean, config.image_size)
     train_ds = input_pipeline.training_dataset(
         source.train, config.batch_size, image_size=config.image_size, mean=mean,
         pca_std=config.pca_std, seed=config.seed)

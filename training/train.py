@@ -41,6 +41,13 @@ def build_parser():
     data.add_argument("--dataset", help="dataset name: alexnet_shapes (embedded, generated "
                                         "locally), alexnet_shapes/tiny")
     data.add_argument("--data-dir", help="TFDS data directory (default ~/tensorflow_datasets)")
+    data.add_argument("--manual-dir", help="folder holding ILSVRC2012_img_train.tar and "
+                                           "ILSVRC2012_img_val.tar (imagenet2012 only)")
+    data.add_argument("--val-split", type=float,
+                      help="fraction held out for validation (folder datasets without val/)")
+    data.add_argument("--mean-image", action="store_true",
+                      help="subtract the paper's per-pixel mean image of the training set "
+                           "(computed once, cached beside the data) instead of the channel mean")
     data.add_argument("--batch-size", type=int, help="images per step")
     data.add_argument("--image-size", type=int, help="input crop size (227 in the paper, >= 67)")
     data.add_argument("--no-pca", action="store_true", help="turn PCA colour noise off")
@@ -62,7 +69,7 @@ _OVERRIDES = {
     "dataset": "dataset", "data_dir": "data_dir", "batch_size": "batch_size",
     "image_size": "image_size", "epochs": "epochs", "learning_rate": "learning_rate",
     "optimizer": "optimizer", "weight_decay": "weight_decay", "width": "width",
-    "towers": "towers", "seed": "seed",
+    "towers": "towers", "seed": "seed", "manual_dir": "manual_dir", "val_split": "val_split",
 }
 
 
@@ -71,6 +78,8 @@ def resolve_config(args):
     values = {k: getattr(args, a) for a, k in _OVERRIDES.items() if getattr(args, a) is not None}
     if args.no_pca:
         values["pca_std"] = 0.0
+    if args.mean_image:
+        values["mean"] = "image"
     for name in ("batch_size", "epochs"):
         if name in values and values[name] < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")

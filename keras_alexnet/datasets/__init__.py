@@ -81,7 +81,8 @@ def load(name=DEFAULT_DATASET, *, data_dir=None, **options):
         name: dataset name.
         data_dir: TFDS data directory (where prepared datasets are cached);
             ``None`` uses TFDS' default (``~/tensorflow_datasets``).
-        **options: dataset-specific options (ignored when ``None``).
+        **options: dataset-specific options such as ``manual_dir`` and ``val_split``;
+            ``None`` values are ignored.
 
     Raises:
         ValueError: for an unknown name, naming the known ones.
