@@ -6,6 +6,10 @@
 
 * ``alexnet_shapes`` (default) and ``alexnet_shapes/tiny``: the embedded, locally
   generated TFDS dataset (`keras_alexnet.datasets.shapes`).
+* ``imagenet2012``: ILSVRC-2012 through the TFDS builder, prepared from the user's
+  own archives in ``manual_dir`` (`keras_alexnet.datasets.imagenet`).
+* ``folder:PATH``: one sub-folder of images per class, with ``train/`` + ``val/`` or a
+  held-out ``val_split`` (`keras_alexnet.datasets.folder`).
 """
 
 import dataclasses
@@ -27,6 +31,9 @@ class DatasetSource:
         display_names: human-readable names for exported labels (for ImageNet, the
             synset and its words); defaults to ``class_names``.
         num_train, num_validation: split sizes.
+        fingerprint: changes when the training images change (keys cached
+            statistics such as the mean image); ``None`` when the name suffices.
+        skipped: paths left out because they could not be decoded (folders only).
     """
 
     name: str
@@ -36,6 +43,8 @@ class DatasetSource:
     num_train: int
     num_validation: int
     display_names: Optional[list] = None
+    fingerprint: Optional[str] = None
+    skipped: list = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
         if self.display_names is None:
@@ -81,14 +90,26 @@ def load(name=DEFAULT_DATASET, *, data_dir=None, **options):
         name: dataset name.
         data_dir: TFDS data directory (where prepared datasets are cached);
             ``None`` uses TFDS' default (``~/tensorflow_datasets``).
-        **options: dataset-specific options such as ``manual_dir`` and ``val_split``;
-            ``None`` values are ignored.
+        **options: dataset-specific options: ``manual_dir`` (imagenet2012),
+            ``val_split`` (folders), ``seed`` (file-order shuffling); ``None`` values
+            are ignored.
 
     Raises:
         ValueError: for an unknown name, naming the known ones.
+        FileNotFoundError: for imagenet2012 not yet prepared and without its archives.
     """
+    options = {k: v for k, v in options.items() if v is not None}
     if name == DEFAULT_DATASET or name.startswith(DEFAULT_DATASET + "/"):
         return _load_shapes(name, data_dir)
+    if name == "imagenet2012":
+        from keras_alexnet.datasets.imagenet import load_imagenet
+
+        return load_imagenet(data_dir=data_dir, **options)
+    if name.startswith("folder:"):
+        from keras_alexnet.datasets.folder import load_folder
+
+        return load_folder(name, data_dir=data_dir, **options)
     raise ValueError(
-        f"Unknown dataset {name!r}. Known: '{DEFAULT_DATASET}', '{DEFAULT_DATASET}/tiny'."
+        f"Unknown dataset {name!r}. Known: '{DEFAULT_DATASET}', '{DEFAULT_DATASET}/tiny', "
+        "'imagenet2012', 'folder:PATH'."
     )
