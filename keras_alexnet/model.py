@@ -11,9 +11,16 @@ model parallelism needs (one set of variables per device).
 Layer names are an API: ``images``, ``conv1``..``conv5``, ``norm1``, ``norm2``,
 ``pool1``, ``pool2``, ``pool5``, ``fc6``..``fc8``, ``drop6``, ``drop7``, with a tower
 suffix ``_a`` / ``_b`` on every per-tower layer (``conv1_a``, ``fc6_b``, ...).
+
+Model parallelism as in the paper: ``tower_devices=("/gpu:0", "/gpu:1")`` puts every
+tower-A layer (variables and ops) on the first device and every tower-B layer on the
+second; the layers that join the towers run on the first. See `AlexNet`.
 """
 
+import contextlib
+
 import keras
+import tensorflow as tf
 
 from keras_alexnet import paper
 from keras_alexnet.layers import LocalResponseNormalization
@@ -48,6 +55,44 @@ def _bias_initializer(initializer, layer):
     return keras.initializers.Zeros()
 
 
+class _OnDevice:
+    """Mixin running a layer's ``call`` inside ``tf.device(self.device)``.
+
+    A device scope around functional-model construction places the variables (they are
+    created there) but not the ops, because the graph is re-run at every call; the
+    scope has to be opened by the layer itself, in ``call``.
+    """
+
+    def __init__(self, *args, device=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.device = device
+
+    def call(self, inputs):
+        with tf.device(self.device):
+            return super().call(inputs)
+
+    def get_config(self):
+        return {**super().get_config(), "device": self.device}
+
+
+def _placed(base):
+    cls = type(f"Placed{base.__name__}", (_OnDevice, base), {
+        "__doc__": f"`{base.__name__}` whose ops run on a fixed ``device`` (tower placement)."})
+    cls.__module__ = __name__
+    return keras.saving.register_keras_serializable(package="keras_alexnet")(cls)
+
+
+PlacedConv2D = _placed(keras.layers.Conv2D)
+PlacedDense = _placed(keras.layers.Dense)
+PlacedMaxPooling2D = _placed(keras.layers.MaxPooling2D)
+PlacedFlatten = _placed(keras.layers.Flatten)
+PlacedLocalResponseNormalization = _placed(LocalResponseNormalization)
+
+
+def _device_scope(device):
+    return tf.device(device) if device else contextlib.nullcontext()
+
+
 @keras.saving.register_keras_serializable(package="keras_alexnet")
 class AlexNet(keras.Model):
     """AlexNet (Krizhevsky, Sutskever & Hinton, 2012) returning logits.
@@ -78,6 +123,16 @@ class AlexNet(keras.Model):
             kernel (gradient ``wd * w``) and nothing on biases, so that Keras' SGD
             reproduces ``v <- m v - wd lr w - lr g``. 0 disables it.
         seed: optional seed for the weight initializers.
+        tower_devices: optional pair of device names, e.g. ``("/gpu:0", "/gpu:1")``
+            or two logical CPUs, for the paper's model parallelism (two towers only).
+            Every ``*_a`` layer's variables and ops go to the first device, every
+            ``*_b`` layer's to the second; the input scaling, the crossing
+            concatenations (``cross3``, ``cross6``, ``cross_fc6``, ``cross_fc7``), the
+            dropouts and ``fc8`` run on the first device, which therefore receives tower
+            B's activations at each crossing (the paper exchanged them in both
+            directions). Per-tower layers are then ``Placed*`` subclasses of the same
+            Keras layers, with the same names and weights. ``None`` (the default)
+            leaves placement to TensorFlow.
         name: model name.
     """
 
@@ -93,11 +148,19 @@ class AlexNet(keras.Model):
         input_scale=None,
         weight_decay=0.0,
         seed=None,
+        tower_devices=None,
         name="alexnet",
         **kwargs,
     ):
         if towers not in (1, 2):
             raise ValueError(f"`towers` must be 1 or 2. Received: towers={towers!r}")
+        if tower_devices is not None:
+            tower_devices = tuple(tower_devices)
+            if towers != 2 or len(tower_devices) != 2:
+                raise ValueError(
+                    "`tower_devices` needs two towers and two device names. Received: "
+                    f"towers={towers!r}, tower_devices={tower_devices!r}"
+                )
         if not isinstance(image_size, int) or image_size < paper.MIN_IMAGE_SIZE:
             raise ValueError(
                 f"`image_size` must be an integer >= {paper.MIN_IMAGE_SIZE} (smaller inputs "
@@ -117,13 +180,31 @@ class AlexNet(keras.Model):
             raise ValueError(f"`weight_decay` must be >= 0. Received: {weight_decay!r}")
 
         suffixes = ("",) if towers == 1 else ("_a", "_b")
+        device_of = dict(zip(suffixes, tower_devices or (None, None)))
+
+        def placed(base, placed_cls, name, **layer_kwargs):
+            # Per-tower layers only; the default model keeps Keras' own classes.
+            device = device_of.get("_" + name.rsplit("_", 1)[-1]) if "_" in name else None
+            if device is None:
+                return base(name=name, **layer_kwargs)
+            layer = placed_cls(name=name, device=device, **layer_kwargs)
+
+            def build_and_call(x):  # variables are created on the device, at build time
+                with tf.device(device):
+                    return layer(x)
+
+            return build_and_call
+
         regularizer = keras.regularizers.L2(weight_decay / 2.0) if weight_decay else None
         layer_seed = iter(range(10**6)) if seed is None else iter(range(seed, seed + 10**6))
 
         def conv(x, filters, kernel, name, strides=1, padding="same"):
-            return keras.layers.Conv2D(
-                _scaled(filters, width, towers) // towers,
-                kernel,
+            return placed(
+                keras.layers.Conv2D,
+                PlacedConv2D,
+                name,
+                filters=_scaled(filters, width, towers) // towers,
+                kernel_size=kernel,
                 strides=strides,
                 padding=padding,
                 activation="relu",
@@ -132,62 +213,64 @@ class AlexNet(keras.Model):
                 ),
                 bias_initializer=_bias_initializer(initializer, name.split("_")[0]),
                 kernel_regularizer=regularizer,
-                name=name,
             )(x)
 
         def dense(x, units, name, activation="relu", dtype=None):
-            return keras.layers.Dense(
-                units,
+            return placed(
+                keras.layers.Dense,
+                PlacedDense,
+                name,
+                units=units,
                 activation=activation,
                 kernel_initializer=_kernel_initializer(
                     initializer, None if seed is None else next(layer_seed)
                 ),
                 bias_initializer=_bias_initializer(initializer, name.split("_")[0]),
                 kernel_regularizer=regularizer,
-                name=name,
                 dtype=dtype,
             )(x)
 
         def norm_pool(x, stage, suffix):
             if use_lrn:
-                x = LocalResponseNormalization(name=f"norm{stage}{suffix}")(x)
-            return keras.layers.MaxPooling2D(
-                paper.POOL_SIZE, strides=paper.POOL_STRIDE, name=f"pool{stage}{suffix}"
-            )(x)
+                x = placed(LocalResponseNormalization, PlacedLocalResponseNormalization,
+                           f"norm{stage}{suffix}")(x)
+            return placed(keras.layers.MaxPooling2D, PlacedMaxPooling2D, f"pool{stage}{suffix}",
+                          pool_size=paper.POOL_SIZE, strides=paper.POOL_STRIDE)(x)
 
         def merge(branches, name):
             if len(branches) == 1:
                 return branches[0]
             return keras.layers.Concatenate(name=name)(branches)
 
-        images = keras.Input(shape=(image_size, image_size, 3), name="images")
-        x = images
-        if input_scale is not None:
-            x = keras.layers.Rescaling(input_scale, name="input_scale")(x)
-        c1, c2, c3, c4, c5 = paper.CONV_FILTERS
-        lower = []
-        for s in suffixes:  # each tower sees the whole image but only its own maps
-            y = conv(x, c1, 11, f"conv1{s}", strides=4, padding="valid")
-            y = norm_pool(y, 1, s)
-            y = conv(y, c2, 5, f"conv2{s}")
-            lower.append(norm_pool(y, 2, s))
-        x = merge(lower, "cross3")  # conv3 reads both towers
-        upper = []
-        for s in suffixes:
-            y = conv(x, c3, 3, f"conv3{s}")
-            y = conv(y, c4, 3, f"conv4{s}")
-            y = conv(y, c5, 3, f"conv5{s}")
-            y = keras.layers.MaxPooling2D(
-                paper.POOL_SIZE, strides=paper.POOL_STRIDE, name=f"pool5{s}"
-            )(y)
-            upper.append(keras.layers.Flatten(name=f"flatten{s}")(y))
-        x = merge(upper, "cross6")  # fc6 reads both towers
-        for layer, units in zip(("fc6", "fc7"), paper.FC_UNITS):
-            per_tower = _scaled(units, width, towers) // towers
-            x = merge([dense(x, per_tower, f"{layer}{s}") for s in suffixes], f"cross_{layer}")
-            x = keras.layers.Dropout(dropout_rate, name=f"drop{layer[2:]}")(x)
-        # Logits in float32 so that softmax and the loss stay float32 under mixed precision.
-        logits = dense(x, num_classes, "fc8", activation=None, dtype="float32")
+        # fc8's variables live on the first tower's device, like the crossing ops.
+        with _device_scope(tower_devices[0] if tower_devices else None):
+            images = keras.Input(shape=(image_size, image_size, 3), name="images")
+            x = images
+            if input_scale is not None:
+                x = keras.layers.Rescaling(input_scale, name="input_scale")(x)
+            c1, c2, c3, c4, c5 = paper.CONV_FILTERS
+            lower = []
+            for s in suffixes:  # each tower sees the whole image but only its own maps
+                y = conv(x, c1, 11, f"conv1{s}", strides=4, padding="valid")
+                y = norm_pool(y, 1, s)
+                y = conv(y, c2, 5, f"conv2{s}")
+                lower.append(norm_pool(y, 2, s))
+            x = merge(lower, "cross3")  # conv3 reads both towers
+            upper = []
+            for s in suffixes:
+                y = conv(x, c3, 3, f"conv3{s}")
+                y = conv(y, c4, 3, f"conv4{s}")
+                y = conv(y, c5, 3, f"conv5{s}")
+                y = placed(keras.layers.MaxPooling2D, PlacedMaxPooling2D, f"pool5{s}",
+                           pool_size=paper.POOL_SIZE, strides=paper.POOL_STRIDE)(y)
+                upper.append(placed(keras.layers.Flatten, PlacedFlatten, f"flatten{s}")(y))
+            x = merge(upper, "cross6")  # fc6 reads both towers
+            for layer, units in zip(("fc6", "fc7"), paper.FC_UNITS):
+                per_tower = _scaled(units, width, towers) // towers
+                x = merge([dense(x, per_tower, f"{layer}{s}") for s in suffixes], f"cross_{layer}")
+                x = keras.layers.Dropout(dropout_rate, name=f"drop{layer[2:]}")(x)
+            # Logits in float32 so that softmax and the loss stay float32 under mixed precision.
+            logits = dense(x, num_classes, "fc8", activation=None, dtype="float32")
 
         super().__init__(inputs=images, outputs=logits, name=name, **kwargs)
         self.num_classes = num_classes
@@ -200,6 +283,11 @@ class AlexNet(keras.Model):
         self.input_scale = input_scale
         self.weight_decay = weight_decay
         self.seed = seed
+        self.tower_devices = tower_devices
+
+    def call(self, inputs, training=None, mask=None, **kwargs):
+        with _device_scope(self.tower_devices[0] if self.tower_devices else None):
+            return super().call(inputs, training=training, mask=mask, **kwargs)
 
     def get_config(self):
         return {
@@ -215,6 +303,7 @@ class AlexNet(keras.Model):
             "input_scale": self.input_scale,
             "weight_decay": self.weight_decay,
             "seed": self.seed,
+            "tower_devices": self.tower_devices,
         }
 
     @classmethod

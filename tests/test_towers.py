@@ -1,0 +1,118 @@
+"""The paper's model parallelism: tower A on one device, tower B on another.
+
+Two logical CPUs can only be made before TensorFlow starts its runtime, so the
+placement checks run in a fresh Python process (`_two_cpu_script`); the rest of the
+pytest process is left untouched.
+"""
+
+import json
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from keras_alexnet import AlexNet, alexnet
+
+TINY = dict(num_classes=10, image_size=67, width=0.125, seed=0)
+
+SCRIPT = textwrap.dedent("""
+    import json, os
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from keras_alexnet import distribute
+    distribute.configure_cpu_devices(2)
+    import keras, numpy as np, tensorflow as tf
+    from keras_alexnet import alexnet, custom_loop
+
+    devices = ("/device:CPU:0", "/device:CPU:1")
+    kwargs = dict(num_classes=10, image_size=67, width=0.125, seed=0, dropout_rate=0.0,
+                  weight_decay=5e-4)
+    placed = alexnet(tower_devices=devices, **kwargs)
+    plain = alexnet(**kwargs)
+    out = {"variable_devices": {v.path: v.value.device for v in placed.weights}}
+
+    # The traced training step: op name -> device for every convolution.
+    optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
+    optimizer.build(placed.trainable_variables)
+    step = custom_loop.make_train_step(placed, optimizer, tf.distribute.get_strategy(), 8)
+    spec = (tf.TensorSpec([8, 67, 67, 3]), tf.TensorSpec([8], tf.int64))
+    graph = step.get_concrete_function(spec).graph
+    out["conv_ops"] = {op.name: op.device for op in graph.get_operations()
+                       if op.type.startswith("Conv2D")}
+
+    # One fit step of each model from the same initial weights.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 67, 67, 3)).astype("float32")
+    y = rng.integers(0, 10, size=8)
+    initial = [w.numpy() for w in plain.weights]
+    out["same_init"] = all(np.array_equal(a, b.numpy()) for a, b in zip(initial, placed.weights))
+    results = []
+    for model in (plain, placed):
+        model.compile(keras.optimizers.SGD(0.01, momentum=0.9),
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+        results.append([w.numpy() for w in model.weights])
+    out["max_abs_diff"] = max(float(np.abs(a - b).max()) for a, b in zip(*results))
+    out["max_update"] = max(float(np.abs(a - b).max()) for a, b in zip(results[0], initial))
+    print("RESULT" + json.dumps(out))
+""")
+
+
+@pytest.fixture(scope="module")
+def placement():
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT")][-1]
+    return json.loads(line[len("RESULT"):])
+
+
+def _tower(name):
+    """``"a"``/``"b"`` for an op or variable of a per-tower layer (``conv1_b_1/...``)."""
+    match = re.search(r"(?:^|/)(?:conv|fc|norm|pool)\d_([ab])(?:_\d+)?/", name)
+    match = match or re.search(r"(?:^|/)flatten_([ab])(?:_\d+)?/", name)
+    return match.group(1) if match else None
+
+
+def test_each_towers_convolutions_run_on_its_device(placement):
+    ops = placement["conv_ops"]
+    forward = {n: d for n, d in ops.items() if "gradient" not in n.lower()}
+    assert len(forward) == 10, ops  # conv1..conv5, two towers
+    # Gradient ops carry no device of their own (the tape builds them outside the
+    # layers' scopes); TensorFlow's placer puts them at run time. Forward ops:
+    for name, device in forward.items():
+        tower = _tower(name)
+        assert tower is not None, name
+        assert device.endswith("CPU:0" if tower == "a" else "CPU:1"), (name, device)
+
+
+def test_tower_variables_live_on_their_device(placement):
+    for path, device in placement["variable_devices"].items():
+        tower = _tower(path)
+        expected = {"a": "CPU:0", "b": "CPU:1", None: "CPU:0"}[tower]  # fc8 with tower A
+        assert device.endswith(expected), (path, device)
+
+
+def test_towers_step_equals_single_device_step(placement):
+    assert placement["same_init"]
+    assert placement["max_update"] > 1e-6  # the step did change the weights
+    assert placement["max_abs_diff"] <= 1e-6 * max(1.0, placement["max_update"])
+
+
+def test_tower_devices_keep_names_parameters_and_config():
+    plain = alexnet(**TINY)
+    placed = alexnet(tower_devices=("/cpu:0", "/cpu:0"), **TINY)
+    assert [layer.name for layer in placed.layers] == [layer.name for layer in plain.layers]
+    assert placed.count_params() == plain.count_params()
+    assert placed.get_layer("conv1_b").device == "/cpu:0"
+    assert type(placed.get_layer("conv1_a")).__name__ == "PlacedConv2D"
+    assert type(plain.get_layer("conv1_a")).__name__ == "Conv2D"
+    clone = AlexNet.from_config(placed.get_config())
+    assert clone.tower_devices == ("/cpu:0", "/cpu:0")
+    assert plain.get_config()["tower_devices"] is None
+
+
+def test_tower_devices_need_two_towers():
+    with pytest.raises(ValueError, match="Received: towers=1"):
+        alexnet(towers=1, tower_devices=("/cpu:0", "/cpu:1"), **TINY)
