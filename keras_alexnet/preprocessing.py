@@ -155,3 +155,27 @@ def resolve_mean(mean, image_size=paper.IMAGE_SIZE):
             f"inputs. Received shape {array.shape} from {mean!r}."
         )
     return array.astype(np.float32)
+
+
+def ten_crop(square, size):
+    """The paper's 10 test patches of a mean-subtracted square: ``[10, size, size, 3]``.
+
+    Sec. 4.1: "the four corner patches and the center patch as well as their
+    horizontal reflections (hence ten patches in all)". Order: centre, top-left,
+    top-right, bottom-left, bottom-right, then the same five mirrored, so patch 0 is
+    exactly `center_crop` (the single-crop evaluation pixels).
+    """
+    side = tf.shape(square)[0]
+    far = side - size
+    mid = far // 2
+    offsets = [(mid, mid), (0, 0), (0, far), (far, 0), (far, far)]
+    crops = tf.stack([square[t : t + size, l : l + size, :] for t, l in offsets])
+    crops = tf.concat([crops, tf.reverse(crops, axis=[2])], axis=0)
+    crops.set_shape([10, size, size, 3])
+    return crops
+
+
+def ten_crop_from_image(image, image_size=paper.IMAGE_SIZE, mean=paper.IMAGENET_MEAN_RGB):
+    """`ten_crop` of a decoded image after the 256 rescale/crop and the mean subtraction."""
+    square = subtract_mean(resize_to_square(image, resize_size(image_size)), mean)
+    return ten_crop(square, image_size)

@@ -1,0 +1,102 @@
+"""Centre-crop and 10-crop evaluation: the crops, the metrics, the CLI on both model formats."""
+
+import csv
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_alexnet import datasets, evaluation, preprocessing
+
+DATA = pathlib.Path(__file__).parent / "data"
+IMAGES = sorted((DATA / "images").iterdir())
+SIZE = 67
+
+
+def test_ten_crops_are_corners_centre_and_mirrors():
+    side = preprocessing.resize_size(SIZE)  # 76
+    square = np.arange(side * side * 3, dtype=np.float32).reshape(side, side, 3)
+    crops = preprocessing.ten_crop(tf.constant(square), SIZE).numpy()
+    far, mid = side - SIZE, (side - SIZE) // 2
+    expected = [square[mid:mid + SIZE, mid:mid + SIZE], square[:SIZE, :SIZE],
+                square[:SIZE, far:], square[far:, :SIZE], square[far:, far:]]
+    for i, want in enumerate(expected):
+        np.testing.assert_array_equal(crops[i], want)
+        np.testing.assert_array_equal(crops[i + 5], want[:, ::-1])
+    np.testing.assert_array_equal(crops[0], preprocessing.center_crop(square, SIZE))
+
+
+def test_metrics_average_the_softmax_over_ten_crops():
+    # 3 images, 6 classes. A fake predictor scores each crop from its mean pixel, so
+    # the centre crop and the 10-crop average disagree in a known way.
+    images = [np.full((80, 80, 3), v, np.uint8) for v in (10, 20, 30)]
+    images[2][:20, :20] = 250  # a bright top-left corner: only some crops see it
+    encoded = [tf.io.encode_png(i).numpy() for i in images]
+    source = tf.data.Dataset.from_tensor_slices((encoded, np.array([0, 1, 5], np.int64)))
+
+    def predict(pixels):
+        level = pixels.reshape(len(pixels), -1).mean(1)
+        probs = np.full((len(pixels), 6), 0.01)
+        probs[np.arange(len(pixels)), np.clip((level // 10).astype(int), 0, 5)] = 0.95
+        return probs / probs.sum(1, keepdims=True)
+
+    result = evaluation.evaluate(predict, source, 6, image_size=SIZE, mean=(0, 0, 0),
+                                 batch_size=2)
+    assert result.num_images == 3 and result.counts.tolist() == [1, 1, 0, 0, 0, 1]
+    # Centre crops: levels 10, 20, 30 -> classes 1, 2, 3; labels 0, 1, 5: all wrong.
+    assert result.error("centre_top1") == 1.0
+    assert result.correct["centre_top5"].tolist() == [1, 1, 0, 0, 0, 0]
+    # Image 3: crops that hold more of the bright corner have a higher level; the
+    # 10-crop answer is their averaged softmax, recomputed here from the same crops.
+    crops = preprocessing.ten_crop_from_image(tf.constant(images[2]), SIZE, (0, 0, 0)).numpy()
+    expected_top1 = int(np.argmax(predict(crops).mean(0)) == 5)
+    assert result.correct["ten_crop_top1"][5] == expected_top1
+    assert "centre crop" in result.table() and "10 crops" in result.table()
+
+
+def _six_class_folder(root):
+    for i in range(6):
+        for split, image in (("train", IMAGES[i]), ("val", IMAGES[(i + 1) % len(IMAGES)])):
+            (root / split / f"class {i}").mkdir(parents=True, exist_ok=True)
+            shutil.copy(image, root / split / f"class {i}" / image.name)
+    return root
+
+
+@pytest.mark.slow
+def test_cli_on_a_checkpoint_and_on_its_saved_model(tmp_path):
+    from keras_alexnet import export
+    from keras_alexnet.model import alexnet
+    from training import evaluate
+
+    root = _six_class_folder(tmp_path / "pics")
+    model = alexnet(num_classes=6, image_size=SIZE, width=0.125, seed=1)
+    checkpoint = tmp_path / "model.keras"
+    model.save(checkpoint)
+    args = ["--dataset", f"folder:{root}", "--data-dir", str(tmp_path / "cache")]
+    summary = evaluate.main([str(checkpoint), *args, "--csv", str(tmp_path / "k.csv")])
+    assert summary["images"] == 6
+    for key in ("centre_top1", "centre_top5", "ten_crop_top1", "ten_crop_top5"):
+        assert 0.0 <= summary[f"{key}_error"] <= 1.0
+
+    # The same numbers from the library, computed here independently for the centre crop.
+    source = datasets.load(f"folder:{root}", data_dir=str(tmp_path / "cache"))
+    hits = 0
+    for image_bytes, label in source.validation.as_numpy_iterator():
+        logits = model(preprocessing.eval_from_bytes(image_bytes, SIZE)[None], training=False)
+        hits += int(np.argmax(logits[0]) == label)
+    assert summary["centre_top1_error"] == pytest.approx(1 - hits / 6)
+
+    with open(tmp_path / "k.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["class_name"] for r in rows] == [f"class {i}" for i in range(6)]
+    assert all(r["images"] == "1" for r in rows)
+    assert set(rows[0]) >= {"centre_top1_accuracy", "ten_crop_top5_accuracy"}
+
+    # The exported SavedModel (serving_pixels) gives the same centre-crop results.
+    export.export_saved_model(model, tmp_path / "models", source.class_names)
+    with pytest.warns(UserWarning, match="top-5"):
+        exported = evaluate.main([str(tmp_path / "models"), *args, "--csv", str(tmp_path / "s.csv")])
+    assert exported["centre_top1_error"] == summary["centre_top1_error"]
+    assert exported["centre_top5_error"] == summary["centre_top5_error"]

@@ -1,0 +1,157 @@
+"""Evaluate an AlexNet checkpoint or SavedModel: top-1/top-5 error, centre crop and 10 crops.
+
+    alexnet-evaluate runs/paper-imagenet2012/checkpoints/epoch-090.keras \\
+        --dataset imagenet2012 --data-dir ~/tensorflow_datasets
+    alexnet-evaluate models/alexnet/3 --dataset folder:~/pets --val-split 0.1
+
+Prints the errors as in the paper's tables (Sec. 6) and writes per-class accuracies to a
+CSV file. The model is either a ``.keras`` file saved by training or an exported
+SavedModel version directory (its ``serving_pixels`` signature; a base directory picks
+its newest version). The mean subtracted before the model must be the one it was
+trained with: by default it is read from the SavedModel's export metadata or from the
+run's ``config.json`` next to a checkpoint, and ``--mean`` overrides it.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description="Top-1/top-5 error of an AlexNet checkpoint or SavedModel, for a centre "
+                    "crop and for 10 crops (4 corners + centre, mirrored; softmax averaged).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("model", help="a .keras checkpoint, or a SavedModel version directory "
+                                      "(or its base directory: newest version)")
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", help="alexnet_shapes, alexnet_shapes/tiny, imagenet2012 or "
+                                        "folder:PATH (default: the run's dataset, for a checkpoint)")
+    data.add_argument("--data-dir", help="TFDS data directory (default ~/tensorflow_datasets)")
+    data.add_argument("--manual-dir", help="folder holding the ILSVRC2012 archives (imagenet2012)")
+    data.add_argument("--val-split", type=float,
+                      help="held-out fraction, for folder datasets without val/")
+    data.add_argument("--split", choices=("validation", "train"), default="validation",
+                      help="which split to evaluate")
+    data.add_argument("--mean", help="'imagenet', 'image' (the per-pixel mean image of the "
+                                     "training set, cached), 'R,G,B' or a .npy file "
+                                     "(default: what the model was trained with)")
+    data.add_argument("--limit", type=int, help="evaluate only the first N images")
+    data.add_argument("--batch-size", type=int, default=16, help="images per step (x10 crops)")
+    parser.add_argument("--csv", default="per_class_accuracy.csv",
+                        help="where to write per-class accuracies")
+    parser.add_argument("--json", help="also write the summary as JSON here")
+    return parser
+
+
+def _newest_version(path):
+    if (path / "saved_model.pb").is_file():
+        return path
+    versions = sorted((int(p.name), p) for p in path.iterdir() if p.is_dir() and p.name.isdigit())
+    if not versions:
+        raise SystemExit(f"error: {path} is neither a .keras file nor a SavedModel directory")
+    return versions[-1][1]
+
+
+def _run_config(checkpoint):
+    """The training run's config.json for a checkpoint in ``<run>/checkpoints/``, or {}."""
+    for parent in list(checkpoint.parents)[:2]:
+        config = parent / "config.json"
+        if config.is_file():
+            return json.loads(config.read_text())
+    return {}
+
+
+def _parse_mean(text):
+    if text in (None, "imagenet", "image") or text.endswith(".npy"):
+        return text
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"error: --mean must be 'imagenet', 'image', R,G,B or a .npy file. "
+                         f"Received: {text!r}") from None
+    return values
+
+
+def load_model(path):
+    """``(predict_fn_factory, image_size, default_mean, run_config)`` for a model path."""
+    import keras
+    import tensorflow as tf
+
+    from keras_alexnet import evaluation
+
+    path = pathlib.Path(path).expanduser()
+    if path.is_file():
+        model = keras.saving.load_model(path)
+        config = _run_config(path)
+        mean = config.get("mean", "imagenet")
+        return (lambda num_classes: (evaluation.keras_predictor(model), int(model.output_shape[-1])),
+                int(model.input_shape[1]), mean, config)
+    version = _newest_version(path)
+    loaded = tf.saved_model.load(str(version))
+    meta = evaluation.saved_model_metadata(version)
+    mean = meta.get("mean", "imagenet")
+    if mean == "per-pixel":
+        npy = version / "assets.extra" / "mean.npy"
+        mean = str(npy) if npy.is_file() else None
+    num_outputs = len(meta["class_names"]) if "class_names" in meta else None
+    return (lambda num_classes: (evaluation.saved_model_predictor(loaded, num_classes),
+                                 num_outputs or num_classes),
+            evaluation.saved_model_input_size(loaded), mean, {})
+
+
+def main(argv=None):
+    """Runs the evaluation; returns the summary dict (errors are fractions)."""
+    args = build_parser().parse_args(argv)
+
+    from keras_alexnet import datasets, evaluation, preprocessing
+
+    make_predictor, image_size, model_mean, run_config = load_model(args.model)
+    dataset = args.dataset or run_config.get("dataset")
+    if not dataset:
+        raise SystemExit("error: pass --dataset (the model's training run is not known)")
+    data_dir = args.data_dir or run_config.get("data_dir")
+    source = datasets.load(dataset, data_dir=data_dir,
+                           manual_dir=args.manual_dir or run_config.get("manual_dir"),
+                           val_split=args.val_split or run_config.get("val_split"))
+    predict, num_outputs = make_predictor(source.num_classes)
+    if num_outputs != source.num_classes:
+        raise SystemExit(f"error: the model has {num_outputs} outputs but {dataset} has "
+                         f"{source.num_classes} classes")
+
+    mean = _parse_mean(args.mean) if args.mean else model_mean
+    if mean is None:
+        raise SystemExit("error: the SavedModel was exported with a per-pixel mean image that it "
+                         "does not carry; pass it with --mean (a .npy file, or 'image')")
+    if mean == "image":
+        from keras_alexnet import mean_image
+
+        mean = mean_image.compute_or_load(source, data_dir, image_size)
+    mean = preprocessing.resolve_mean(mean, image_size)
+
+    split = source.validation if args.split == "validation" else source.train
+    total = source.num_validation if args.split == "validation" else source.num_train
+    if args.limit:
+        total = min(total, args.limit)
+    print(f"Evaluating {args.model} on {dataset} ({args.split}, {total} images, "
+          f"{image_size}x{image_size} crops)")
+    result = evaluation.evaluate(predict, split, source.num_classes, image_size=image_size,
+                                 mean=mean, batch_size=args.batch_size, limit=args.limit,
+                                 log_every=10_000)
+    print(result.table())
+    csv_path = evaluation.write_per_class_csv(result, args.csv, source.class_names,
+                                              source.display_names)
+    print(f"Per-class accuracy written to {csv_path}")
+    summary = result.summary()
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
