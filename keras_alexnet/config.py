@@ -27,6 +27,12 @@ class TrainConfig:
     mean image of the training set, three numbers, or a ``.npy`` path), ``manual_dir``
     (where the user's ImageNet archives are), ``val_split`` (held-out fraction for
     folder datasets without a ``val`` folder).
+    Scale (see `keras_alexnet.distribute` and docs/scale.md): ``strategy``
+    (``"default"``, ``"mirrored"``, ``"towers"``, ``"multiworker"``), ``cpu_devices``
+    (split the CPU into this many logical devices), ``batch_size`` is per replica: the
+    global batch is ``batch_size`` times the replicas in sync, and ``scale_lr`` multiplies
+    the learning rate by the same factor (the linear scaling rule); ``mixed_precision``
+    (``None``, ``"mixed_float16"`` or ``"mixed_bfloat16"``) and ``jit_compile`` (XLA).
     """
 
     dataset: str = "alexnet_shapes"
@@ -52,6 +58,11 @@ class TrainConfig:
     mean: object = "imagenet"
     seed: int = 2012
     keep_checkpoints: int = 2
+    strategy: str = "default"
+    cpu_devices: Optional[int] = None
+    scale_lr: bool = True
+    mixed_precision: Optional[str] = None
+    jit_compile: bool = False
 
     def to_json(self):
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

@@ -12,8 +12,15 @@
 Every file is written to a temporary name and renamed into place, so an interrupted
 run never leaves a half-written checkpoint; rerunning the same command resumes from
 the newest checkpoint.
+
+``config.strategy`` picks the device layout (`keras_alexnet.distribute`): ``default``,
+``mirrored`` and ``towers`` train with ``fit`` as above; ``multiworker`` trains with
+`keras_alexnet.custom_loop` (Keras 3 ``fit`` fails under that strategy). The model is
+built under the strategy's scope, ``config.batch_size`` is per replica and the
+pipelines are batched at the global batch, which ``fit`` splits across replicas.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -22,7 +29,7 @@ import time
 
 import keras
 
-from keras_alexnet import datasets, export, input_pipeline, preprocessing
+from keras_alexnet import datasets, distribute, export, input_pipeline, preprocessing
 from keras_alexnet.config import TrainConfig
 from keras_alexnet.model import AlexNet
 
@@ -30,18 +37,64 @@ from keras_alexnet.model import AlexNet
 RESUMABLE_CHANGES = ("epochs", "data_dir", "manual_dir", "keep_checkpoints")
 
 
-def build_model(config, num_classes):
-    """The `AlexNet` a configuration describes."""
-    return AlexNet(num_classes=num_classes, seed=config.seed, **config.model_kwargs())
+def build_model(config, num_classes, tower_devices=None):
+    """The `AlexNet` a configuration describes (towers placed on ``tower_devices``)."""
+    return AlexNet(num_classes=num_classes, seed=config.seed, tower_devices=tower_devices,
+                   **config.model_kwargs())
 
 
-def build_optimizer(config):
-    """SGD with momentum (the paper; decay comes from the model's L2 terms) or Adam."""
+def build_optimizer(config, replicas=1):
+    """SGD with momentum (the paper; decay comes from the model's L2 terms) or Adam.
+
+    With ``config.scale_lr`` the learning rate is multiplied by ``replicas``, as the
+    global batch is (the linear scaling rule of Goyal et al., 2017).
+    """
+    lr = config.learning_rate * (replicas if getattr(config, "scale_lr", True) else 1)
     if config.optimizer == "sgd":
-        return keras.optimizers.SGD(learning_rate=config.learning_rate, momentum=config.momentum)
+        return keras.optimizers.SGD(learning_rate=lr, momentum=config.momentum)
     if config.optimizer == "adam":
-        return keras.optimizers.Adam(learning_rate=config.learning_rate)
+        return keras.optimizers.Adam(learning_rate=lr)
     raise ValueError(f"`optimizer` must be 'sgd' or 'adam'. Received: {config.optimizer!r}")
+
+
+@contextlib.contextmanager
+def precision_policy(name):
+    """Sets Keras' global dtype policy (``None`` leaves it) and restores it on exit."""
+    if name not in (None, "float32", "mixed_float16", "mixed_bfloat16"):
+        raise ValueError("`mixed_precision` must be 'mixed_float16' or 'mixed_bfloat16'. "
+                         f"Received: {name!r}")
+    previous = keras.config.dtype_policy()
+    if name is not None:
+        keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def inference_copy(model):
+    """A float32, unplaced, strategy-free copy of an `AlexNet` with the same weights.
+
+    What gets exported: a SavedModel of it carries neither device names nor mirrored
+    variables, so it loads on any machine.
+    """
+    with precision_policy("float32"):
+        copy = AlexNet.from_config({**model.get_config(), "tower_devices": None})
+    copy.set_weights([keras.ops.convert_to_numpy(w) for w in model.weights])
+    return copy
+
+
+def load_data(config):
+    """``(source, mean)``: the dataset splits and the mean the pipelines subtract."""
+    source = datasets.load(config.dataset, data_dir=config.data_dir,
+                           manual_dir=config.manual_dir, val_split=config.val_split)
+    if config.mean == "image":
+        from keras_alexnet import mean_image
+
+        mean = mean_image.compute_or_load(source, config.data_dir, config.image_size)
+    else:
+        mean = preprocessing.resolve_mean(config.mean, config.image_size)
+    return source, mean
 
 
 def metrics():
@@ -52,11 +105,14 @@ def metrics():
     ]
 
 
-def compile_model(model, config):
+def compile_model(model, config, replicas=1):
+    """Compiles for ``fit``; under mixed_float16 Keras wraps the optimiser in a
+    ``LossScaleOptimizer`` (``auto_scale_loss``)."""
     model.compile(
-        optimizer=build_optimizer(config),
+        optimizer=build_optimizer(config, replicas),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=metrics(),
+        jit_compile=True if getattr(config, "jit_compile", False) else "auto",
     )
     return model
 
@@ -149,7 +205,21 @@ def run(config, run_dir, export_dir="models/alexnet", *, verbose=1, do_export=Tr
     Returns a dict with the final validation ``val_top1``/``val_top5`` (accuracies),
     ``val_loss``, the ``epochs`` trained, ``seconds`` of wall time and ``export_path``.
     """
+    if config.strategy == "multiworker":
+        from keras_alexnet import custom_loop
+
+        strategy, _ = distribute.make_strategy(config.strategy, config.cpu_devices)
+        return custom_loop.run(config, run_dir, export_dir, strategy, verbose=verbose,
+                               do_export=do_export)
+    with precision_policy(config.mixed_precision):
+        return _fit(config, run_dir, export_dir, verbose=verbose, do_export=do_export)
+
+
+def _fit(config, run_dir, export_dir, *, verbose, do_export):
     start = time.time()
+    strategy, tower_devices = distribute.make_strategy(config.strategy, config.cpu_devices)
+    replicas = strategy.num_replicas_in_sync
+    global_batch = config.batch_size * replicas
     run_dir = pathlib.Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "config.json"
@@ -162,30 +232,26 @@ def run(config, run_dir, export_dir="models/alexnet", *, verbose=1, do_export=Tr
     write_atomic(config_path, config.to_json())
     keras.utils.set_random_seed(config.seed)
 
-    source = datasets.load(config.dataset, data_dir=config.data_dir,
-                           manual_dir=config.manual_dir, val_split=config.val_split)
-    if config.mean == "image":
-        from keras_alexnet import mean_image
-
-        mean = mean_image.compute_or_load(source, config.data_dir, config.image_size)
-    else:
-        mean = preprocessing.resolve_mean(config.mean, config.image_size)
+    source, mean = load_data(config)
     train_ds = input_pipeline.training_dataset(
-        source.train, config.batch_size, image_size=config.image_size, mean=mean,
+        source.train, global_batch, image_size=config.image_size, mean=mean,
         pca_std=config.pca_std, seed=config.seed)
     val_ds = input_pipeline.evaluation_dataset(
-        source.validation, config.batch_size, image_size=config.image_size, mean=mean)
+        source.validation, global_batch, image_size=config.image_size, mean=mean)
 
     schedule = PlateauSchedule(config.lr_drops, config.plateau_patience)
     initial_epoch = 0
     if state is not None:
         checkpoint = run_dir / "checkpoints" / state["checkpoint"]
-        model = keras.saving.load_model(checkpoint)
+        with strategy.scope():
+            model = keras.saving.load_model(checkpoint)
         schedule.set_state(state["schedule"])
         initial_epoch = state["epoch"]
         print(f"Resuming {run_dir} from {checkpoint.name} (epoch {initial_epoch}).")
     else:
-        model = compile_model(build_model(config, source.num_classes), config)
+        with strategy.scope():
+            model = compile_model(
+                build_model(config, source.num_classes, tower_devices), config, replicas)
 
     callbacks = [
         schedule,
@@ -205,7 +271,9 @@ def run(config, run_dir, export_dir="models/alexnet", *, verbose=1, do_export=Tr
         "export_path": None,
     }
     if do_export:
-        path = export.export_saved_model(model, export_dir, source.display_names, mean=mean)
+        plain = (config.strategy == "default" and config.mixed_precision is None)
+        exported = model if plain else inference_copy(model)
+        path = export.export_saved_model(exported, export_dir, source.display_names, mean=mean)
         summary["export_path"] = str(path)
         write_atomic(run_dir / "export.json", json.dumps({"path": str(path)}))
     summary["seconds"] = time.time() - start

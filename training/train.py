@@ -2,6 +2,9 @@
 
     python training/train.py                      # the demo: full network, embedded data
     python training/train.py --preset paper --dataset imagenet2012 --data-dir ...
+    python training/train.py --strategy mirrored                 # every GPU of the machine
+    python training/train.py --strategy towers --cpu-devices 2   # the paper's two towers
+    TF_CONFIG=... python training/train.py --strategy multiworker  # see docs/scale.md
 
 A preset supplies every setting (see `keras_alexnet.config.PRESETS`); flags override
 it. Rerunning the same command after an interruption resumes from the newest
@@ -62,6 +65,21 @@ def build_parser():
     model = parser.add_argument_group("model")
     model.add_argument("--width", type=float, help="width multiplier (1.0 = the paper)")
     model.add_argument("--towers", type=int, choices=(1, 2), help="2 = the paper's two towers")
+
+    scale = parser.add_argument_group("scale (docs/scale.md)")
+    scale.add_argument("--strategy", choices=("default", "mirrored", "towers", "multiworker"),
+                       help="default: one device; mirrored: data parallel over every GPU (or "
+                            "--cpu-devices); towers: tower A on device 0, tower B on device 1; "
+                            "multiworker: MultiWorkerMirroredStrategy from TF_CONFIG")
+    scale.add_argument("--cpu-devices", type=int,
+                       help="split the CPU into N logical devices (mirrored/towers without GPUs)")
+    scale.add_argument("--no-lr-scaling", action="store_true",
+                       help="keep --learning-rate as given instead of multiplying it by the "
+                            "number of replicas (--batch-size is per replica)")
+    scale.add_argument("--mixed-precision", choices=("float16", "bfloat16"),
+                       help="mixed_float16 (with loss scaling) or mixed_bfloat16; LRN, softmax "
+                            "and the loss stay float32")
+    scale.add_argument("--jit", action="store_true", help="compile the training step with XLA")
     return parser
 
 
@@ -70,6 +88,7 @@ _OVERRIDES = {
     "image_size": "image_size", "epochs": "epochs", "learning_rate": "learning_rate",
     "optimizer": "optimizer", "weight_decay": "weight_decay", "width": "width",
     "towers": "towers", "seed": "seed", "manual_dir": "manual_dir", "val_split": "val_split",
+    "strategy": "strategy", "cpu_devices": "cpu_devices",
 }
 
 
@@ -80,7 +99,13 @@ def resolve_config(args):
         values["pca_std"] = 0.0
     if args.mean_image:
         values["mean"] = "image"
-    for name in ("batch_size", "epochs"):
+    if args.no_lr_scaling:
+        values["scale_lr"] = False
+    if args.mixed_precision:
+        values["mixed_precision"] = f"mixed_{args.mixed_precision}"
+    if args.jit:
+        values["jit_compile"] = True
+    for name in ("batch_size", "epochs", "cpu_devices"):
         if name in values and values[name] < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
     return dataclasses.replace(PRESETS[args.preset], **values)
