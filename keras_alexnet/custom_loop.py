@@ -26,6 +26,7 @@ over a repeated dataset), since a collective all-reduce waits for every worker.
 """
 
 import csv
+import hashlib
 import json
 import math
 import pathlib
@@ -229,7 +230,8 @@ def run(config, run_dir, export_dir, strategy, *, verbose=1, do_export=True,
 
     final = evaluate()
     summary = {"val_loss": final["val_loss"], "val_top1": final["val_top1"],
-               "val_top5": final["val_top5"], "epochs": config.epochs, "export_path": None}
+               "val_top5": final["val_top5"], "epochs": config.epochs, "export_path": None,
+               "weights_sha256": weights_digest(model)}
     if do_export and chief:
         path = export.export_saved_model(trainer.inference_copy(model), export_dir,
                                          source.display_names, mean=mean)
@@ -237,6 +239,14 @@ def run(config, run_dir, export_dir, strategy, *, verbose=1, do_export=True,
         trainer.write_atomic(run_dir / "export.json", json.dumps({"path": str(path)}))
     summary["seconds"] = time.time() - start
     return summary
+
+
+def weights_digest(model):
+    """SHA-256 of every weight's bytes: equal on all workers of an in-sync cluster."""
+    digest = hashlib.sha256()
+    for weight in model.weights:
+        digest.update(keras.ops.convert_to_numpy(weight).tobytes())
+    return digest.hexdigest()
 
 
 def _append_history(path, logs):

@@ -26,29 +26,29 @@ STRATEGIES = ("default", "mirrored", "towers", "multiworker")
 
 
 def configure_cpu_devices(count):
-    """Splits the host CPU into ``count`` logical devices; returns their names.
+    """Splits the host CPU into ``count`` logical devices.
 
-    Call before any TensorFlow op runs. Calling again with the same ``count`` (or once
-    the runtime already has ``count`` logical CPUs) does nothing.
+    Call before any TensorFlow op runs (this function itself starts nothing, so a
+    `MultiWorkerMirroredStrategy` can still be made afterwards). Calling again with the
+    same ``count`` (or once the runtime already has ``count`` logical CPUs) does nothing.
     """
     if not isinstance(count, int) or count < 1:
         raise ValueError(f"`count` must be a positive int. Received: count={count!r}")
     cpu = tf.config.list_physical_devices("CPU")[0]
     current = tf.config.get_logical_device_configuration(cpu)
     if current is not None and len(current) == count:
-        return logical_cpus()
+        return
     try:
         tf.config.set_logical_device_configuration(
             cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(count)])
     except RuntimeError as error:
         have = len(tf.config.list_logical_devices("CPU"))
         if have == count:
-            return logical_cpus()
+            return
         raise RuntimeError(
             f"Cannot split the CPU into {count} logical devices: TensorFlow is already "
             f"initialised with {have}. Pass --cpu-devices before anything runs a "
             f"TensorFlow op (a fresh process). Received: count={count}") from error
-    return logical_cpus()
 
 
 def logical_cpus():
@@ -117,8 +117,9 @@ def make_strategy(name, cpu_devices=None):
         raise ValueError("--strategy multiworker needs the TF_CONFIG environment variable "
                          "(cluster and task); see docs/scale.md.")
     # Ring all-reduce runs on CPUs and GPUs alike; NCCL is picked automatically otherwise.
+    # (Physical devices only: listing logical ones would start the runtime too early.)
     options = None
-    if not tf.config.list_logical_devices("GPU"):
+    if not tf.config.list_physical_devices("GPU"):
         options = tf.distribute.experimental.CommunicationOptions(
             implementation=tf.distribute.experimental.CommunicationImplementation.RING)
     return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options), None
