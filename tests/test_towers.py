@@ -55,14 +55,23 @@ SCRIPT = textwrap.dedent("""
         results.append([w.numpy() for w in model.weights])
     out["max_abs_diff"] = max(float(np.abs(a - b).max()) for a, b in zip(*results))
     out["max_update"] = max(float(np.abs(a - b).max()) for a, b in zip(results[0], initial))
+
+    import sys
+    from training import train
+    data_dir, base = sys.argv[1], sys.argv[2]
+    summary = train.main(["--preset", "smoke", "--data-dir", data_dir, "--epochs", "1",
+                          "--strategy", "towers", "--cpu-devices", "2", "--quiet",
+                          "--no-export", "--run-dir", base + "/run"])
+    out["cli_epochs"] = summary["epochs"]
     print("RESULT" + json.dumps(out))
 """)
 
 
 @pytest.fixture(scope="module")
-def placement():
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
-                          timeout=300)
+def placement(shapes_data_dir, tmp_path_factory):
+    base = tmp_path_factory.mktemp("towers")
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, shapes_data_dir, str(base)],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT")][-1]
     return json.loads(line[len("RESULT"):])
@@ -75,6 +84,7 @@ def _tower(name):
     return match.group(1) if match else None
 
 
+@pytest.mark.slow
 def test_each_towers_convolutions_run_on_its_device(placement):
     ops = placement["conv_ops"]
     forward = {n: d for n, d in ops.items() if "gradient" not in n.lower()}
@@ -87,6 +97,7 @@ def test_each_towers_convolutions_run_on_its_device(placement):
         assert device.endswith("CPU:0" if tower == "a" else "CPU:1"), (name, device)
 
 
+@pytest.mark.slow
 def test_tower_variables_live_on_their_device(placement):
     for path, device in placement["variable_devices"].items():
         tower = _tower(path)
@@ -94,10 +105,16 @@ def test_tower_variables_live_on_their_device(placement):
         assert device.endswith(expected), (path, device)
 
 
+@pytest.mark.slow
 def test_towers_step_equals_single_device_step(placement):
     assert placement["same_init"]
     assert placement["max_update"] > 1e-6  # the step did change the weights
     assert placement["max_abs_diff"] <= 1e-6 * max(1.0, placement["max_update"])
+
+
+@pytest.mark.slow
+def test_cli_trains_with_towers(placement):
+    assert placement["cli_epochs"] == 1
 
 
 def test_tower_devices_keep_names_parameters_and_config():
