@@ -102,3 +102,34 @@ def test_exported_signature_gives_the_same_pixels(encoded, reference, tmp_path):
     nudged[:, 30, 30, 0] += 1.0
     moved = loaded.signatures["serving_pixels"](pixels=tf.constant(nudged))["scores"]
     assert np.abs(moved.numpy() - from_pixels["scores"].numpy()).max() > 1e-5
+
+
+def _box_matrix(n_in, n_out):
+    """Row i averages source pixels [i * f, (i + 1) * f), f = n_in / n_out, by overlap."""
+    f = n_in / n_out
+    weights = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        lo, hi = i * f, (i + 1) * f
+        for j in range(int(lo), min(int(np.ceil(hi)), n_in)):
+            weights[i, j] = max(0.0, min(hi, j + 1) - max(lo, j)) / f
+    return weights
+
+
+def test_rescale_rule_matches_an_independent_box_filter_reference():
+    """`resize_to_square` = the source's central square, area-averaged (NumPy reference)."""
+    for name in ("n02129604_20374_tiger.jpg", "n01748264_Indian_cobra.JPEG"):  # 420x248, 220x530
+        image = preprocessing.decode_image((DATA / "images" / name).read_bytes())
+        pixels = image.numpy().astype(np.float64)
+        h, w, _ = pixels.shape
+        s = min(h, w)
+        square = pixels[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+        side = 200  # below either shorter side: a shrink
+        weights = _box_matrix(s, side)
+        want = np.stack([weights @ square[..., c] @ weights.T for c in range(3)], axis=-1)
+        got = preprocessing.resize_to_square(image, side).numpy()
+        np.testing.assert_allclose(got, want, atol=0.01, err_msg=name)
+    # Antialiasing: one-pixel stripes shrunk 4x become flat grey, not a moire of stripes.
+    stripes = np.zeros((1024, 1024, 3), np.uint8)
+    stripes[:, ::2] = 255
+    out = preprocessing.resize_to_square(tf.constant(stripes), 256).numpy()
+    np.testing.assert_allclose(out, 127.5, atol=0.5)
