@@ -105,6 +105,7 @@ def distributed_datasets(strategy, source, config, mean, global_batch):
     ``eval_steps`` steps and every real example is counted exactly once.
     """
     size = config.image_size
+
     def train_fn(ctx):
         batch = ctx.get_per_replica_batch_size(global_batch)
         shard = source.train.shard(ctx.num_input_pipelines, ctx.input_pipeline_id)
