@@ -132,9 +132,11 @@ def train_from_image(
     """
     pca_seed, crop_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     image = resize_to_square(image, resize_size(image_size))
+    # (image + offset) - mean as one pass over the pixels: image - (mean - offset).
+    shift = tf.cast(mean, tf.float32)
     if pca_std:
-        image = image + pca_lighting_offset(pca_seed, pca_std)
-    return random_crop_flip(subtract_mean(image, mean), image_size, crop_seed)
+        shift = shift - pca_lighting_offset(pca_seed, pca_std)
+    return random_crop_flip(subtract_mean(image, shift), image_size, crop_seed)
 
 
 def train_from_bytes(image_bytes, seed, image_size=paper.IMAGE_SIZE,
