@@ -30,7 +30,8 @@ def make_folder(root):
     train_a = root / "train" / "tusker and van"
     train_b = root / "train" / "small things"
     nested = train_b / "more photos"
-    for d in (train_a, train_b, nested, root / "val" / "tusker and van", root / "val" / "small things"):
+    val_a, val_b = root / "val" / "tusker and van", root / "val" / "small things"
+    for d in (train_a, train_b, nested, val_a, val_b):
         d.mkdir(parents=True)
     shutil.copy(IMAGES[0], train_a / "first photo.JPEG")
     shutil.copy(IMAGES[4], train_a / "VAN.JPG")

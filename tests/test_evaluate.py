@@ -97,6 +97,7 @@ def test_cli_on_a_checkpoint_and_on_its_saved_model(tmp_path):
     # The exported SavedModel (serving_pixels) gives the same centre-crop results.
     export.export_saved_model(model, tmp_path / "models", source.class_names)
     with pytest.warns(UserWarning, match="top-5"):
-        exported = evaluate.main([str(tmp_path / "models"), *args, "--csv", str(tmp_path / "s.csv")])
+        exported = evaluate.main([str(tmp_path / "models"), *args,
+                                  "--csv", str(tmp_path / "s.csv")])
     assert exported["centre_top1_error"] == summary["centre_top1_error"]
     assert exported["centre_top5_error"] == summary["centre_top5_error"]

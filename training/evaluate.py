@@ -30,8 +30,9 @@ def build_parser():
     parser.add_argument("model", help="a .keras checkpoint, or a SavedModel version directory "
                                       "(or its base directory: newest version)")
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", help="alexnet_shapes, alexnet_shapes/tiny, imagenet2012 or "
-                                        "folder:PATH (default: the run's dataset, for a checkpoint)")
+    data.add_argument("--dataset",
+                      help="alexnet_shapes, alexnet_shapes/tiny, imagenet2012 or folder:PATH "
+                           "(default: the run's dataset, for a checkpoint)")
     data.add_argument("--data-dir", help="TFDS data directory (default ~/tensorflow_datasets)")
     data.add_argument("--manual-dir", help="folder holding the ILSVRC2012 archives (imagenet2012)")
     data.add_argument("--val-split", type=float,
@@ -90,7 +91,8 @@ def load_model(path):
         model = keras.saving.load_model(path)
         config = _run_config(path)
         mean = config.get("mean", "imagenet")
-        return (lambda num_classes: (evaluation.keras_predictor(model), int(model.output_shape[-1])),
+        num_outputs = int(model.output_shape[-1])
+        return (lambda num_classes: (evaluation.keras_predictor(model), num_outputs),
                 int(model.input_shape[1]), mean, config)
     version = _newest_version(path)
     loaded = tf.saved_model.load(str(version))
