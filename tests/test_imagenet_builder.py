@@ -70,6 +70,7 @@ def test_display_names_come_from_the_shipped_label_file():
 @pytest.mark.slow
 def test_real_builder_prepares_the_miniature_archives_and_trains_one_step(tmp_path):
     import numpy as np
+    import tensorflow as tf
 
     from keras_alexnet import input_pipeline, preprocessing
     from training import train
@@ -90,6 +91,10 @@ def test_real_builder_prepares_the_miniature_archives_and_trains_one_step(tmp_pa
     # Every stored image decodes to RGB, the CMYK training JPEG included.
     for image_bytes, _ in list(source.train.as_numpy_iterator()) + val:
         assert preprocessing.decode_image(image_bytes).shape[-1] == 3
+    # Nothing is cached in memory: TFDS would auto-cache a dataset this small.
+    policy = tf.data.experimental.ExternalStatePolicy.WARN
+    for split in (source.train, source.validation):
+        assert b"CacheDataset" not in split._as_serialized_graph(external_state_policy=policy).numpy()
     batch = next(iter(input_pipeline.training_dataset(source.train, 2, image_size=67)))
     assert batch[0].shape == (2, 67, 67, 3) and np.isfinite(batch[0].numpy()).all()
 
