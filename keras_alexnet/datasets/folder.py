@@ -29,6 +29,9 @@ EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 VAL_FOLDERS = ("val", "validation")
 PREFIX = "folder:"
 SHOWN_NAMES = 5
+# The held-out split does not follow the training seed: the same files are held out
+# whatever --seed a run uses, so runs with different seeds are evaluated alike.
+SPLIT_SEED = 0
 
 
 class UndecodableImagesWarning(UserWarning):
@@ -158,6 +161,8 @@ def _pairs(files, classes):
 def load_folder(spec, data_dir=None, val_split=None, seed=0, **_):
     """The `DatasetSource` of ``folder:PATH`` (see the module docstring).
 
+    ``seed`` orders the training files (a full reshuffle every epoch).
+
     Raises:
         ValueError: the folder is missing, has no class folders or images, a
             validation class is not a training class, or neither a ``val`` folder nor
@@ -194,7 +199,7 @@ def load_folder(spec, data_dir=None, val_split=None, seed=0, **_):
                 f"Classes in {val_root} that {train_root} does not have: {unknown[:SHOWN_NAMES]}"
             )
     else:
-        train_files, val_files = _split_held_out(train_files, val_split, seed)
+        train_files, val_files = _split_held_out(train_files, val_split, SPLIT_SEED)
 
     train_paths, train_labels = _pairs(train_files, classes)
     val_paths, val_labels = _pairs(val_files, classes)
