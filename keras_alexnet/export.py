@@ -9,7 +9,9 @@ existing integer version) with three signatures:
   ``classes`` ``DT_INT32 [batch, 5]``, ``scores`` ``DT_FLOAT [batch, 5]`` (softmax
   probabilities, descending) and ``labels`` ``DT_STRING [batch, 5]``.
 * ``serving_pixels``: ``pixels`` ``DT_FLOAT [batch, S, S, 3]`` already preprocessed
-  (resized, centre-cropped, mean subtracted; S the model's input size) -> the same outputs.
+  (resized, centre-cropped, mean subtracted; S the model's input size) -> the same outputs
+  plus ``probabilities`` ``DT_FLOAT [batch, num_classes]`` (the whole softmax, for
+  callers that average crops, like 10-crop evaluation).
 * ``classify``: ``inputs`` ``DT_STRING [batch]`` of serialized ``tf.Example`` with the
   encoded image in the bytes feature ``image/encoded`` -> ``classes`` ``DT_STRING
   [batch, 5]`` (the labels) and ``scores``, the layout TensorFlow Serving's Classify
@@ -113,15 +115,18 @@ class _Endpoints:
         self.labels = tf.constant(labels, tf.string)
         self.mean = tf.constant(mean, tf.float32)
 
-    def top_k(self, pixels):
+    def top_k(self, pixels, with_probabilities=False):
         logits = self.model(pixels, training=False)
         probabilities = tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
         scores, classes = tf.math.top_k(probabilities, k=TOP_K)
-        return {
+        outputs = {
             "classes": tf.cast(classes, tf.int32),
             "scores": scores,
             "labels": tf.gather(self.labels, classes),
         }
+        if with_probabilities:
+            outputs["probabilities"] = probabilities
+        return outputs
 
     def pixels_from_bytes(self, images):
         return tf.map_fn(
@@ -134,7 +139,7 @@ class _Endpoints:
         return self.top_k(self.pixels_from_bytes(images))
 
     def serve_pixels(self, pixels):
-        return self.top_k(pixels)
+        return self.top_k(pixels, with_probabilities=True)
 
     def classify(self, inputs):
         features = tf.io.parse_example(
@@ -224,6 +229,8 @@ def export_saved_model(model, base_dir, class_names, *, version=None, mean=None)
         }
         (staging / "assets.extra").mkdir(exist_ok=True)
         (staging / "assets.extra" / METADATA_FILE).write_text(json.dumps(metadata, indent=1))
+        if np.asarray(mean).size != 3:  # the per-pixel mean image, for offline evaluation
+            np.save(staging / "assets.extra" / "mean.npy", np.asarray(mean, np.float32))
         os.rename(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -84,6 +84,11 @@ def test_pixels_and_classify_signatures_agree(exported, image_paths):
     pixels = tf.stack([preprocessing.eval_from_bytes(b, 67) for b in image_bytes])
     by_pixels = loaded.signatures["serving_pixels"](pixels=pixels)
     np.testing.assert_array_equal(by_bytes["classes"], by_pixels["classes"])
+    probabilities = by_pixels["probabilities"].numpy()
+    assert probabilities.shape == (3, 10)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(np.sort(probabilities, axis=1)[:, ::-1][:, :5],
+                               by_pixels["scores"].numpy(), rtol=1e-6)
     examples = [tf.train.Example(features=tf.train.Features(feature={
         "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b]))}))
         .SerializeToString() for b in image_bytes]

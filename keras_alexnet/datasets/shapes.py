@@ -6,7 +6,7 @@ Generated locally (no download): ten classes of procedural shapes and textures
 as ImageNet: it is prepared once into ``data_dir`` and read back as TFRecords.
 
 Configs:
-    default: 2,600 training and 500 validation images (about 45 MB, ~20 s to build).
+    default: 2,400 training and 400 validation images (about 40 MB, ~20 s to build).
     tiny: 480 training and 100 validation images, for tests.
 """
 
@@ -41,13 +41,14 @@ class ShapesConfig(tfds.core.BuilderConfig):
 class AlexnetShapes(tfds.core.GeneratorBasedBuilder):
     """Procedural shapes and textures, generated locally; classes balanced per split."""
 
-    VERSION = tfds.core.Version("1.1.0")
+    VERSION = tfds.core.Version("1.2.0")
     RELEASE_NOTES = {
         "1.0.0": "Ten classes, 256x256 JPEG.",
         "1.1.0": "Luma contrast of at least 64 grey levels, larger shapes, less blur and noise.",
+        "1.2.0": "Default config: 2,400 training and 400 validation images.",
     }
     BUILDER_CONFIGS = [
-        ShapesConfig(name="default", num_train=2600, num_validation=500,
+        ShapesConfig(name="default", num_train=2400, num_validation=400,
                      description="The default training set."),
         ShapesConfig(name="tiny", num_train=480, num_validation=100,
                      description="A small set for tests."),
