@@ -113,10 +113,17 @@ class _Endpoints:
         self.model = model
         self.size = int(model.input_shape[1])
         self.labels = tf.constant(labels, tf.string)
+        self.num_classes = len(labels)
         self.mean = tf.constant(mean, tf.float32)
 
     def top_k(self, pixels, with_probabilities=False):
-        logits = self.model(pixels, training=False)
+        # An empty batch skips the network: oneDNN's fused convolutions reject zero-sized
+        # batches ("input depth must be evenly divisible by filter depth").
+        logits = tf.cond(
+            tf.shape(pixels)[0] > 0,
+            lambda: tf.cast(self.model(pixels, training=False), tf.float32),
+            lambda: tf.zeros([0, self.num_classes], tf.float32),
+        )
         probabilities = tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
         scores, classes = tf.math.top_k(probabilities, k=TOP_K)
         outputs = {
@@ -139,6 +146,15 @@ class _Endpoints:
         return self.top_k(self.pixels_from_bytes(images))
 
     def serve_pixels(self, pixels):
+        # Checked here rather than left to the convolution kernels: some CPU kernels
+        # (oneDNN) abort the whole process on a wrongly sized input instead of raising.
+        check = tf.debugging.assert_equal(
+            tf.shape(pixels)[1:],
+            tf.constant([self.size, self.size, 3]),
+            message=f"pixels must have shape [batch, {self.size}, {self.size}, 3]",
+        )
+        with tf.control_dependencies([check]):
+            pixels = tf.identity(pixels)
         return self.top_k(pixels, with_probabilities=True)
 
     def classify(self, inputs):

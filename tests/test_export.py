@@ -127,6 +127,9 @@ def test_rejects_undecodable_and_oversized_images(exported):
     for bad in (b"", b"not an image", truncated):
         with pytest.raises(tf.errors.InvalidArgumentError):
             serve(images=tf.constant([bad]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="pixels must have shape"):
+        tf.saved_model.load(str(exported)).signatures["serving_pixels"](
+            pixels=tf.zeros([1, 50, 50, 3]))
     # A PNG header claiming 20000 x 20000 pixels is refused before decoding.
     png = bytearray(_encode(np.zeros((4, 4, 3), np.uint8), "PNG"))
     png[16:24] = (20000).to_bytes(4, "big") * 2
