@@ -34,7 +34,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_alexnet import paper, preprocessing
+from keras_alexnet import preprocessing
 
 TOP_K = 5
 MAX_IMAGE_PIXELS = 50_000_000

@@ -262,8 +262,10 @@ def _fit(config, run_dir, export_dir, *, verbose, do_export):
     ]
     results = None
     if initial_epoch < config.epochs:
+        # shuffle=False: the tf.data pipeline shuffles, seeded; Keras would only warn.
         history = model.fit(train_ds, validation_data=val_ds, epochs=config.epochs,
-                            initial_epoch=initial_epoch, callbacks=callbacks, verbose=verbose)
+                            initial_epoch=initial_epoch, callbacks=callbacks, verbose=verbose,
+                            shuffle=False)
         # The last epoch's validation pass already measured the final weights.
         results = {k: history.history[f"val_{k}"][-1] for k in ("loss", "top1", "top5")}
     if results is None:  # nothing left to train (a finished run rerun): measure again

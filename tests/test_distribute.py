@@ -5,11 +5,10 @@ in a fresh Python process; the strategy and TF_CONFIG helpers are tested in-proc
 """
 
 import json
-import subprocess
-import sys
 import textwrap
 
 import pytest
+from _subprocess import run_script
 
 from keras_alexnet import distribute
 from training import train
@@ -81,11 +80,7 @@ SCRIPT = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def two_replicas(shapes_data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("mirrored")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, shapes_data_dir, str(out)],
-                          capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT")][-1]
-    return json.loads(line[len("RESULT"):]), out
+    return run_script(SCRIPT, shapes_data_dir, out, timeout=400), out
 
 
 @pytest.mark.slow

@@ -5,13 +5,11 @@ placement checks run in a fresh Python process (`_two_cpu_script`); the rest of 
 pytest process is left untouched.
 """
 
-import json
 import re
-import subprocess
-import sys
 import textwrap
 
 import pytest
+from _subprocess import run_script
 
 from keras_alexnet import AlexNet, alexnet
 
@@ -70,11 +68,7 @@ SCRIPT = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def placement(shapes_data_dir, tmp_path_factory):
     base = tmp_path_factory.mktemp("towers")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, shapes_data_dir, str(base)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT")][-1]
-    return json.loads(line[len("RESULT"):])
+    return run_script(SCRIPT, shapes_data_dir, base)
 
 
 def _tower(name):
