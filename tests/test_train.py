@@ -93,3 +93,26 @@ def test_resuming_with_a_different_configuration_is_refused(shapes_data_dir, tmp
     (run_dir / "config.json").write_text(smoke_config(shapes_data_dir, width=0.5).to_json())
     with pytest.raises(ValueError, match="width: 0.5 -> 0.125"):
         trainer.run(smoke_config(shapes_data_dir), run_dir, tmp_path / "models", verbose=0)
+
+
+def test_plateau_schedule_divides_by_ten_at_most_three_times():
+    """The paper's schedule: lr / 10 when validation top-1 stops improving, 3 times at most."""
+    import keras
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.01, momentum=0.9), loss="mse")
+    schedule = trainer.PlateauSchedule(max_drops=3, patience=2)
+    schedule.set_model(model)
+    val_top1 = [0.1, 0.2, 0.2, 0.15, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3]
+    lrs = []
+    for epoch, value in enumerate(val_top1):
+        logs = {"val_top1": value}
+        schedule.on_epoch_end(epoch, logs)
+        lrs.append(float(model.optimizer.learning_rate.numpy()))
+        assert logs["lr"] == pytest.approx(lrs[-2] if epoch else 0.01)  # logged before a drop
+    # Drops after 2 epochs without a new best (epochs 3, 6, 8); never a fourth.
+    assert lrs == pytest.approx([0.01] * 3 + [1e-3] * 3 + [1e-4] * 2 + [1e-5] * 5, rel=1e-6)
+    assert schedule.get_state() == {"best": 0.3, "wait": 4, "drops": 3}
+    resumed = trainer.PlateauSchedule(max_drops=3, patience=2)
+    resumed.set_state(schedule.get_state())
+    assert resumed.get_state() == schedule.get_state()
