@@ -13,15 +13,34 @@ from serving import client as serving_client
 from _serving_fixtures import REPO, ServerProcess, free_port, write_half_plus_two
 
 
-def _openssl_cert(directory):
-    """A self-signed certificate for `localhost`, made with the openssl CLI."""
-    key, cert = directory / "server.key", directory / "server.crt"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
-         "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=60)
-    return key.read_text(), cert.read_text()
+def _self_signed_cert():
+    """A self-signed certificate for `localhost` / 127.0.0.1: (key PEM, cert PEM)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(serialization.Encoding.PEM,
+                                serialization.PrivateFormat.TraditionalOpenSSL,
+                                serialization.NoEncryption()).decode()
+    return key_pem, cert.public_bytes(serialization.Encoding.PEM).decode()
 
 
 def _hp2_request():
@@ -33,11 +52,7 @@ def _hp2_request():
 
 
 def test_tls_round_trip_after_waiting_for_the_first_version(tmp_path):
-    import shutil
-
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl CLI is needed to make a test certificate")
-    key, cert = _openssl_cert(tmp_path)
+    key, cert = _self_signed_cert()
     ssl_config = tmp_path / "ssl.config"
     ssl_config.write_text(f"server_key: {key!r}\nserver_cert: {cert!r}\n"
                           "client_verify: false\n".replace("'", '"'))
