@@ -111,18 +111,28 @@ class Runner:
 
     # Classify, Regress, MultiInference.
 
-    def classify(self, manager, request, deadline=None, _servable=None):
-        """Handles a `ClassificationRequest`."""
+    def _example_signature(self, manager, request, servable, method, kind):
+        """Resolves a Classify/Regress request's servable and its one-input signature.
+
+        Returns ``(spec, servable, signature_name, signature)``; checks the method name
+        (when enabled) and the single input, in TF Serving's order and words.
+        """
         spec = _require_spec(request)
-        servable = _servable or manager.resolve(spec)
+        servable = servable or manager.resolve(spec)
         signature_name = spec.signature_name or DEFAULT_SIGNATURE
         signature = _find_signature(servable, signature_name)
-        if self.method_check and signature.method_name != CLASSIFY_METHOD:
+        if self.method_check and signature.method_name != method:
             raise ServingError(
-                _INVALID, f"Expected classification signature method_name to be "
-                f"{CLASSIFY_METHOD}. Was: {signature.method_name}")
+                _INVALID, f"Expected {kind} signature method_name to be "
+                f"{method}. Was: {signature.method_name}")
         if len(signature.inputs) != 1:
             raise ServingError(_INVALID, "Expected one input Tensor.")
+        return spec, servable, signature_name, signature
+
+    def classify(self, manager, request, deadline=None, _servable=None):
+        """Handles a `ClassificationRequest`."""
+        spec, servable, signature_name, signature = self._example_signature(
+            manager, request, _servable, CLASSIFY_METHOD, "classification")
         if len(signature.outputs) not in (1, 2):
             raise ServingError(
                 _INVALID, f"Expected one or two output Tensors, found {len(signature.outputs)}")
@@ -174,16 +184,8 @@ class Runner:
 
     def regress(self, manager, request, deadline=None, _servable=None):
         """Handles a `RegressionRequest`."""
-        spec = _require_spec(request)
-        servable = _servable or manager.resolve(spec)
-        signature_name = spec.signature_name or DEFAULT_SIGNATURE
-        signature = _find_signature(servable, signature_name)
-        if self.method_check and signature.method_name != REGRESS_METHOD:
-            raise ServingError(
-                _INVALID, f"Expected regression signature method_name to be "
-                f"{REGRESS_METHOD}. Was: {signature.method_name}")
-        if len(signature.inputs) != 1:
-            raise ServingError(_INVALID, "Expected one input Tensor.")
+        spec, servable, signature_name, signature = self._example_signature(
+            manager, request, _servable, REGRESS_METHOD, "regression")
         if len(signature.outputs) != 1:
             raise ServingError(_INVALID, "Expected one output Tensor.")
         if "inputs" not in signature.inputs:
