@@ -161,7 +161,7 @@ def run(config, run_dir, export_dir, strategy, *, verbose=1, do_export=True,
         run_dir.mkdir(parents=True, exist_ok=True)
         config_path = run_dir / "config.json"
         if config_path.exists():
-            trainer._check_resumable(
+            trainer.check_resumable(
                 TrainConfig.from_dict(json.loads(config_path.read_text())), config)
         trainer.write_atomic(config_path, config.to_json())
     keras.utils.set_random_seed(config.seed)

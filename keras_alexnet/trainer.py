@@ -189,7 +189,11 @@ class AtomicCheckpoint(keras.callbacks.Callback):
             old.unlink()
 
 
-def _check_resumable(saved, config):
+def check_resumable(saved, config):
+    """Raises ValueError naming the fields where ``config`` differs from the ``saved`` run.
+
+    Only `RESUMABLE_CHANGES` (e.g. ``epochs``, to extend a run) may differ.
+    """
     old, new = dataclasses.asdict(saved), dataclasses.asdict(config)
     changed = [k for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k]]
     if changed:
@@ -227,7 +231,7 @@ def _fit(config, run_dir, export_dir, *, verbose, do_export):
     state_path = run_dir / "state.json"
     state = None
     if config_path.exists():
-        _check_resumable(TrainConfig.from_dict(json.loads(config_path.read_text())), config)
+        check_resumable(TrainConfig.from_dict(json.loads(config_path.read_text())), config)
         if state_path.exists():
             state = json.loads(state_path.read_text())
     write_atomic(config_path, config.to_json())
