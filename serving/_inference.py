@@ -4,6 +4,15 @@ Each function takes a request proto and returns the response proto TF Serving wo
 raises `ServingError` with its code and message. Checks run in TF Serving's order
 (predict_util.cc, classifier.cc, regressor.cc, multi_inference.cc, get_model_metadata_impl.cc,
 get_model_status_impl.cc); the first failing one wins.
+
+Request bounds (`Runner(max_request_elements=..., max_request_strings=...)`): before any
+input is decoded, the declared shapes of all of a Predict's inputs are validated and their
+element counts summed; over `serving._tensors.DEFAULT_MAX_ELEMENTS` (256 x 227 x 227 x 3 =
+39,574,272) elements (4-byte units: 8-byte dtypes count twice, complex128 four times), or over
+`DEFAULT_MAX_STRINGS` (2**20) DT_STRING elements, the request fails with INVALID_ARGUMENT
+`tensor parsing error: <alias>: <n> elements (4-byte units) declared, more than the limit of
+<cap> elements per request (max_request_elements)` and nothing is allocated. None disables a
+cap.
 """
 
 import grpc
@@ -20,7 +29,18 @@ from tensorflow_serving.apis import (
 )
 
 from serving._errors import ServingError, code_from_number
-from serving._tensors import TensorParseError, dtype_name, from_ndarray, to_ndarray
+from serving._tensors import (
+    DEFAULT_MAX_ELEMENTS,
+    DEFAULT_MAX_STRINGS,
+    TensorLimitError,
+    TensorParseError,
+    check_limits,
+    declared_elements,
+    dtype_name,
+    element_units,
+    from_ndarray,
+    to_ndarray,
+)
 
 DEFAULT_SIGNATURE = "serving_default"
 PREDICT_METHODS = ("tensorflow/serving/predict", "tensorflow/serving/classify",
@@ -71,11 +91,18 @@ class Runner:
     Args:
         batcher: an optional `serving._batching.Batcher`.
         enable_signature_method_name_check: reject Predict on non-predict signatures.
+        max_request_elements: cap on the elements all of a Predict's inputs declare (None = no
+            cap); see the module docstring.
+        max_request_strings: cap on the DT_STRING elements they declare (None = no cap).
     """
 
-    def __init__(self, batcher=None, enable_signature_method_name_check=False):
+    def __init__(self, batcher=None, enable_signature_method_name_check=False,
+                 max_request_elements=DEFAULT_MAX_ELEMENTS,
+                 max_request_strings=DEFAULT_MAX_STRINGS):
         self.batcher = batcher
         self.method_check = enable_signature_method_name_check
+        self.max_request_elements = max_request_elements
+        self.max_request_strings = max_request_strings
 
     def run(self, servable, signature_name, feeds, deadline=None):
         if self.batcher is not None:
@@ -98,7 +125,8 @@ class Runner:
                 grpc.StatusCode.INTERNAL,
                 "Expected prediction signature method_name to be one of "
                 f"{{{', '.join(PREDICT_METHODS)}}}. Was: {signature.method_name}")
-        decoded = decode_inputs(signature, request.inputs)
+        decoded = decode_inputs(signature, request.inputs, self.max_request_elements,
+                                self.max_request_strings)
         output_keys = check_output_filter(signature, request.output_filter)
         feeds = check_input_dtypes(signature, decoded)
         outputs = self.run(servable, signature_name, feeds, deadline)
@@ -269,8 +297,12 @@ def _text(value):
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
-def decode_inputs(signature, inputs):
+def decode_inputs(signature, inputs, max_elements=DEFAULT_MAX_ELEMENTS,
+                  max_strings=DEFAULT_MAX_STRINGS):
     """Matches request inputs to signature aliases and decodes them (steps 5-7).
+
+    All declared shapes are validated, and their element counts summed against `max_elements`
+    (DT_STRING ones also against `max_strings`), before any input is decoded.
 
     Returns:
         {alias: (array, DataType sent)}.
@@ -290,10 +322,23 @@ def decode_inputs(signature, inputs):
                 f"Signature input alias: {alias}(feed name: {signature.inputs[alias].name}) not "
                 f"found in request and no default value provided. Inputs expected to be in the "
                 f"request {_braces(expected)}, or default input alias set: ")
+    total = strings = 0
+    for alias in sorted(requested):
+        proto = inputs[alias]
+        try:
+            n = declared_elements(proto)
+            total += element_units(proto, n)
+            if proto.dtype == types_pb2.DT_STRING:
+                strings += n
+            check_limits(total, strings, max_elements, max_strings)
+        except TensorLimitError as e:
+            raise ServingError(_INVALID, f"tensor parsing error: {alias}: {e}") from None
+        except TensorParseError:
+            raise ServingError(_INVALID, f"tensor parsing error: {alias}") from None
     decoded = {}
     for alias in sorted(requested):
         try:
-            decoded[alias] = (to_ndarray(inputs[alias]), inputs[alias].dtype)
+            decoded[alias] = (to_ndarray(inputs[alias], None, None), inputs[alias].dtype)
         except TensorParseError:
             raise ServingError(_INVALID, f"tensor parsing error: {alias}") from None
     return decoded

@@ -5,6 +5,25 @@ shape, typed fields broadcast their last value (none give zeros, extra values ar
 and a proto without `tensor_shape` is a scalar. Encoding follows `Tensor::AsProtoField`:
 typed repeated fields plus `tensor_shape`, never `tensor_content`. Only NumPy and the
 TensorFlow protos are used, so the client can share this module without TensorFlow ops.
+
+Input bounds (checked on the declared shape, before NumPy allocates anything):
+
+* `DEFAULT_MAX_ELEMENTS` = 256 x 227 x 227 x 3 = 39,574,272 elements per decoded tensor or per
+  request (what a batch of 256 AlexNet images in `[None, 227, 227, 3]` needs; 151 MiB as
+  float32). Elements are counted in 4-byte units (`element_units`): int64, uint64, double and
+  complex64 count twice, complex128 four times, so one decoded copy never exceeds 151 MiB.
+  Broadcasting makes the declared size, not the bytes sent, what gets allocated: a 60-byte
+  `PredictRequest` could otherwise declare gigabytes.
+* `DEFAULT_MAX_STRINGS` = 1,048,576 (2**20) `DT_STRING` elements: every string is a Python
+  object (tens of bytes each), so strings get their own, smaller cap; a batch of 256 JPEGs or
+  of 1000 serialized `tf.Example`s is far below it.
+* `MAX_RANK` = 64: TensorFlow allows 254 dims, NumPy 64.
+* dims must be >= 0 and their product must fit in int64 (TensorFlow's `TensorShape::IsValid`);
+  `tensor_content` must hold exactly `elements x itemsize` bytes.
+
+A tensor beyond a cap raises `TensorLimitError` (a `TensorParseError`), which the servers answer
+with INVALID_ARGUMENT naming the cap. TF Serving itself has no such cap (it would try to
+allocate, and answer UNKNOWN or run out of memory).
 """
 
 import numpy as np
@@ -31,8 +50,18 @@ _DTYPES = {
 _BY_NUMPY = {np.dtype(v[0]): k for k, v in _DTYPES.items() if v[0] is not np.object_}
 
 
+DEFAULT_MAX_ELEMENTS = 256 * 227 * 227 * 3
+DEFAULT_MAX_STRINGS = 1 << 20
+MAX_RANK = 64
+_INT64_MAX = (1 << 63) - 1
+
+
 class TensorParseError(ValueError):
     """A `TensorProto` that `Tensor::FromProto` would reject."""
+
+
+class TensorLimitError(TensorParseError):
+    """A `TensorProto` whose declared size is over this server's element cap."""
 
 
 def dtype_name(dtype):
@@ -50,22 +79,73 @@ def numpy_dtype(dtype):
     return np.dtype(_DTYPES[dtype][0])
 
 
-def to_ndarray(proto):
-    """Decodes a `TensorProto` into a NumPy array (`object` of `bytes` for DT_STRING).
+def declared_elements(proto):
+    """Validates the shape of a `TensorProto` and returns its element count, allocating nothing.
 
     Raises:
-        TensorParseError: for DT_INVALID or an unsupported dtype, an unknown-rank or negative
-            shape, or a `tensor_content` whose length does not match the shape.
+        TensorParseError: DT_INVALID or an unsupported dtype, unknown rank, rank over
+            `MAX_RANK`, a negative dim, or a shape of more than 2**63 - 1 elements.
     """
     if proto.dtype not in _DTYPES:
         raise TensorParseError(f"unsupported dtype {dtype_name(proto.dtype)}")
-    np_dtype, field, _ = _DTYPES[proto.dtype]
     if proto.tensor_shape.unknown_rank:
         raise TensorParseError("unknown rank")
+    dims = [d.size for d in proto.tensor_shape.dim]
+    if len(dims) > MAX_RANK:
+        raise TensorParseError(f"rank {len(dims)} is more than the maximum of {MAX_RANK}")
+    if any(d < 0 for d in dims):
+        raise TensorParseError(f"invalid shape {dims}")
+    n = 1
+    for d in dims:
+        n *= d
+        if n > _INT64_MAX:
+            raise TensorParseError(f"shape {dims} is too large (more than 2**63 - 1 entries)")
+    return n
+
+
+def element_units(proto, n):
+    """`n` elements of `proto`'s dtype in the 4-byte units the element cap counts: 8-byte
+    dtypes (int64, uint64, double, complex64) count 2 each, complex128 4, the rest 1."""
+    if proto.dtype == types_pb2.DT_STRING:
+        return n
+    return n * max(1, np.dtype(_DTYPES[proto.dtype][0]).itemsize // 4)
+
+
+def check_limits(units, strings=0, max_elements=DEFAULT_MAX_ELEMENTS,
+                 max_strings=DEFAULT_MAX_STRINGS):
+    """Raises `TensorLimitError` if `units` (4-byte element units, see `element_units`) are
+    over `max_elements`, or `strings` DT_STRING elements over `max_strings` (None = no cap)."""
+    if max_strings is not None and strings > max_strings:
+        raise TensorLimitError(f"{strings} strings declared, more than the limit of "
+                               f"{max_strings} strings per request (max_request_strings)")
+    if max_elements is not None and units > max_elements:
+        raise TensorLimitError(f"{units} elements (4-byte units) declared, more than the limit "
+                               f"of {max_elements} elements per request (max_request_elements)")
+
+
+def to_ndarray(proto, max_elements=DEFAULT_MAX_ELEMENTS, max_strings=DEFAULT_MAX_STRINGS):
+    """Decodes a `TensorProto` into a NumPy array (`object` of `bytes` for DT_STRING).
+
+    The shape is validated and checked against `max_elements` (and `max_strings` for
+    DT_STRING; None = no cap) before anything is allocated.
+
+    Raises:
+        TensorParseError: for DT_INVALID or an unsupported dtype, an unknown-rank, negative or
+            overflowing shape, or a `tensor_content` whose length does not match the shape.
+        TensorLimitError: (a `TensorParseError`) for a shape over a cap.
+    """
+    n = declared_elements(proto)
+    check_limits(element_units(proto, n), n if proto.dtype == types_pb2.DT_STRING else 0,
+                 max_elements, max_strings)
+    try:
+        return _decode(proto, n)
+    except ValueError:  # e.g. shape [0, 2**62]: valid in TensorFlow, too big for NumPy
+        raise TensorParseError("shape is not representable as a NumPy array") from None
+
+
+def _decode(proto, n):
+    np_dtype, field, _ = _DTYPES[proto.dtype]
     shape = tuple(d.size for d in proto.tensor_shape.dim)
-    if any(d < 0 for d in shape):
-        raise TensorParseError(f"invalid shape {list(shape)}")
-    n = int(np.prod(shape, dtype=np.int64))
     if proto.tensor_content:
         if proto.dtype == types_pb2.DT_STRING:
             raise TensorParseError("tensor_content is not supported for DT_STRING")
@@ -73,23 +153,29 @@ def to_ndarray(proto):
             raise TensorParseError("tensor_content size does not match the shape")
         return np.frombuffer(proto.tensor_content, dtype=np_dtype).reshape(shape).copy()
     values = getattr(proto, field)
-    if proto.dtype == types_pb2.DT_HALF:
-        flat = np.asarray(values, dtype=np.uint16).view(np.float16)
-    elif proto.dtype in (types_pb2.DT_COMPLEX64, types_pb2.DT_COMPLEX128):
-        pairs = np.asarray(values, dtype=np.float64).reshape(-1, 2)
+    if n == 0 or len(values) == 0:
+        return np.full(shape, b"" if np_dtype is np.object_ else 0, dtype=np_dtype)
+    if proto.dtype in (types_pb2.DT_COMPLEX64, types_pb2.DT_COMPLEX128):
+        count = min(len(values) // 2, n)  # (real, imag) pairs; an odd last value is dropped
+        if count == 0:
+            return np.zeros(shape, dtype=np_dtype)
+        pairs = np.asarray(values[:2 * count], dtype=np.float64).reshape(-1, 2)
         flat = (pairs[:, 0] + 1j * pairs[:, 1]).astype(np_dtype)
     elif proto.dtype == types_pb2.DT_STRING:
-        flat = np.empty(len(values), dtype=object)
-        flat[:] = list(values)
+        flat = np.empty(min(len(values), n), dtype=object)
+        flat[:] = list(values[:n])
+    elif proto.dtype == types_pb2.DT_HALF:  # half_val holds the bit patterns in int32s
+        flat = np.asarray(values[:n], dtype=np.int64).astype(np.uint16).view(np.float16)
+    elif field == "int_val":  # int32 on the wire; narrower types keep the low bits, as TF
+        flat = np.asarray(values[:n], dtype=np.int64).astype(np_dtype)
     else:
-        flat = np.asarray(values, dtype=np_dtype)
-    if len(flat) == 0:
-        out = np.full(n, b"" if np_dtype is np.object_ else 0, dtype=np_dtype)
-    elif len(flat) < n:
-        out = np.concatenate([flat, np.repeat(flat[-1:], n - len(flat))])
-    else:
-        out = flat[:n]
-    return out.reshape(shape)
+        flat = np.asarray(values[:n], dtype=np_dtype)
+    if len(flat) < n:  # broadcast the last value, allocating the output only once
+        out = np.empty(n, dtype=np_dtype)
+        out[:len(flat)] = flat
+        out[len(flat):] = flat[-1]
+        flat = out
+    return flat.reshape(shape)
 
 
 def from_ndarray(array, dtype=None):
