@@ -39,7 +39,9 @@ FROM tensorflow/serving:2.21.0 AS serving
 RUN groupadd --system --gid 10001 serving \
     && useradd --system --uid 10001 --gid serving --no-create-home --shell /usr/sbin/nologin serving
 COPY serving/models.config serving/batching.config /config/
-COPY models/alexnet /models/alexnet
+# Root-owned and group-readable by the serving user (exports are 0755/0644 since issue 8;
+# older ones were 0700, which uid 10001 could not read): readable, never writable by it.
+COPY --chown=root:10001 --chmod=0750 models/alexnet /models/alexnet
 ENV MODEL_NAME=alexnet \
     MODEL_BASE_PATH=/models
 USER 10001:10001
