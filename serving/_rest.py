@@ -3,12 +3,39 @@
 Routes, JSON tensor formats and error mapping follow `http_rest_api_handler.cc` and
 `json_tensor.cc`: `POST /v1/models/NAME[/versions/N|/labels/L]:(predict|classify|regress)`,
 `GET` of the same prefix for status and `+/metadata` for metadata, errors as `{"error": ...}`.
+
+Hardening (TF Serving's libevent server has no such limits; these are this server's, each a
+keyword of `make_http_server` / `json_to_array` / `RestApi`):
+
+* `DEFAULT_MAX_BODY_BYTES` = 64 MiB request body. The gRPC side sets no receive limit
+  (`grpc.max_receive_message_length` = -1, as TF Serving's INT32_MAX), so REST gets its own
+  cap: a larger `Content-Length` is answered 413 before any of the body is read.
+* `Content-Length` must be one decimal integer (else 400); a POST without one (including
+  chunked uploads, which are not supported) gets 411; a body shorter than declared gets 400
+  when the client closes, 408 when the read time runs out. These errors close the connection.
+* `DEFAULT_READ_TIMEOUT_S` = 30 s: the idle wait for a request on a (keep-alive) connection is
+  bounded by it, and so, separately, is receiving one request's headers and body, however
+  slowly the bytes trickle in; an idle connection is then closed, a half-read request gets 408.
+* `MAX_JSON_DEPTH`: JSON nested deeper than Python's parser allows (about 1000 levels) is 400
+  `JSON Parse error: ... nested too deeply`, and tensors of rank over 64 are 400.
+* The elements a Predict's JSON inputs hold are capped like gRPC's (`serving._tensors`,
+  `DEFAULT_MAX_ELEMENTS` 4-byte elements, `DEFAULT_MAX_STRINGS` strings): 400 naming the cap.
+* Methods other than GET and POST get 405 with `{"error": "Malformed request: <M> <path>"}` and
+  `Allow: GET, POST` (TF Serving answers PUT/DELETE with 400 and that message), and every error
+  the HTTP layer itself sends (bad request line, headers too large, ...) is JSON too.
+* Handler threads are daemon threads; `server_close()` (after `shutdown()`) closes idle and
+  half-read connections at once, waits up to `close_timeout_s` (5 s) for requests being
+  answered, then shuts down whatever is left.
 """
 
 import base64
+import io
 import json
+import logging
 import math
 import re
+import socket
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -16,7 +43,7 @@ import grpc
 import numpy as np
 from google.protobuf import json_format
 from tensorflow.core.example import example_pb2, feature_pb2
-from tensorflow.core.framework import types_pb2
+from tensorflow.core.framework import tensor_pb2, types_pb2
 from tensorflow_serving.apis import (
     classification_pb2,
     get_model_metadata_pb2,
@@ -28,9 +55,28 @@ from tensorflow_serving.apis import (
 
 from serving import _inference
 from serving._errors import ServingError
-from serving._tensors import dtype_name, from_ndarray, numpy_dtype, to_ndarray
+from serving._tensors import (
+    _DTYPES,
+    DEFAULT_MAX_ELEMENTS,
+    DEFAULT_MAX_STRINGS,
+    MAX_RANK,
+    TensorLimitError,
+    check_limits,
+    dtype_name,
+    from_ndarray,
+    numpy_dtype,
+    to_ndarray,
+)
 
+log = logging.getLogger("serving")
+
+DEFAULT_MAX_BODY_BYTES = 64 << 20
+DEFAULT_READ_TIMEOUT_S = 30.0
+DEFAULT_CLOSE_TIMEOUT_S = 5.0
+MAX_JSON_DEPTH = 1000  # what `json.loads` reaches before RecursionError (sys.getrecursionlimit)
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT
+_INT_RANGES = {k: (int(np.iinfo(v[0]).min), int(np.iinfo(v[0]).max))
+               for k, v in _DTYPES.items() if np.dtype(v[0]).kind in "iu"}
 _ROUTE = re.compile(
     r"/v1/models(?:/(?P<name>[^/:]+)(?:/versions/(?P<version>[^/:]+)"
     r"|/labels/(?P<label>[A-Za-z0-9_]+))?(?:/(?P<metadata>metadata)"
@@ -68,20 +114,57 @@ def _json_type(value):
     return "Null"
 
 
+def _snippet(value, limit=1100, depth=0):
+    """`json.dumps(value)` cut to about `limit` chars, bounded in time and depth (for messages)."""
+    if isinstance(value, list):
+        parts, size = [], 2
+        for item in value:
+            if size > limit:
+                parts.append("...")
+                break
+            part = _snippet(item, limit - size, depth + 1) if depth < 64 else "..."
+            parts.append(part)
+            size += len(part) + 2
+        return "[" + ", ".join(parts) + "]"
+    if isinstance(value, dict):
+        parts, size = [], 2
+        for key, item in value.items():
+            if size > limit:
+                parts.append("...")
+                break
+            part = (_snippet(key, limit - size) + ": " + (
+                _snippet(item, limit - size, depth + 1) if depth < 64 else "..."))
+            parts.append(part)
+            size += len(part) + 2
+        return "{" + ", ".join(parts) + "}"
+    if isinstance(value, str) and len(value) > limit:
+        return json.dumps(value[:limit])[:-1] + "..."
+    return json.dumps(value)
+
+
 def _type_error(value, dtype):
-    return ServingError(_INVALID, f"JSON Value: {json.dumps(value)} Type: {_json_type(value)} "
+    return ServingError(_INVALID, f"JSON Value: {_snippet(value)} Type: {_json_type(value)} "
                                   f"is not of expected type: {dtype_name(dtype)}")
+
+
+def _utf8(text):
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate escape such as "\ud800"
+        raise ServingError(_INVALID, "JSON Parse error: The surrogate pair in string is "
+                                     "invalid.") from None
 
 
 def _scalar(value, dtype):
     if dtype == types_pb2.DT_STRING:
         if isinstance(value, str):
-            return value.encode("utf-8")
+            return _utf8(value)
         if isinstance(value, dict) and set(value) == {"b64"} and isinstance(value["b64"], str):
             try:
                 return base64.b64decode(value["b64"], validate=True)
             except ValueError:
-                raise ServingError(_INVALID, f"Unable to base64 decode: {value['b64']}") from None
+                raise ServingError(_INVALID, "Unable to base64 decode: "
+                                             f"{_snippet(value['b64'])[1:-1]}") from None
         raise _type_error(value, dtype)
     if dtype == types_pb2.DT_BOOL:
         if isinstance(value, bool):
@@ -89,8 +172,18 @@ def _scalar(value, dtype):
         raise _type_error(value, dtype)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _type_error(value, dtype)
-    if dtype not in _FLOAT_TYPES and (isinstance(value, float) and not value.is_integer()):
-        raise _type_error(value, dtype)
+    if dtype in _INT_RANGES:
+        if isinstance(value, float) and not value.is_integer():
+            raise _type_error(value, dtype)
+        low, high = _INT_RANGES[dtype]
+        if not low <= value <= high:  # rapidjson: not an Int/Int64/Uint/Uint64 of that range
+            raise _type_error(value, dtype)
+        return int(value)
+    if isinstance(value, int):
+        try:
+            return float(value)
+        except OverflowError:  # over 1.8e308: not a JSON double
+            raise _type_error(value, dtype) from None
     return value
 
 
@@ -98,33 +191,74 @@ def _shape_of(value):
     shape = []
     while isinstance(value, list):
         shape.append(len(value))
+        if len(shape) > MAX_RANK:
+            raise ServingError(_INVALID, f"Tensor of rank more than {MAX_RANK} (JSON arrays "
+                                         f"nested more than {MAX_RANK} deep) is not supported")
         value = value[0] if value else None
     return shape
 
 
-def json_to_array(value, dtype):
-    """Converts a JSON value (nested lists, `{"b64": ...}` for strings) to a NumPy array."""
+def json_to_array(value, dtype, max_elements=DEFAULT_MAX_ELEMENTS,
+                  max_strings=DEFAULT_MAX_STRINGS, used=0, used_strings=0):
+    """Converts a JSON value (nested lists, `{"b64": ...}` for strings) to a NumPy array.
+
+    The shape (the lengths along the first elements) is checked against `max_elements`
+    4-byte elements and, for DT_STRING, `max_strings` (None = no cap) before conversion;
+    `used` and `used_strings` are what other inputs of the same request already took.
+
+    Raises:
+        ServingError: INVALID_ARGUMENT for a value of the wrong type or shape, a dtype this
+            server cannot hold, or a tensor over a cap.
+    """
+    if dtype not in _DTYPES:
+        raise ServingError(_INVALID, f"Unsupported tensor dtype: {dtype_name(dtype)}")
     shape = _shape_of(value)
+    n = 1
+    for size in shape:
+        n *= size
+    units = n * max(1, numpy_dtype(dtype).itemsize // 4) if dtype != types_pb2.DT_STRING else n
+    try:
+        check_limits(used + units, used_strings + (n if dtype == types_pb2.DT_STRING else 0),
+                     max_elements, max_strings)
+    except TensorLimitError as e:
+        raise ServingError(_INVALID, f"JSON tensor too large: {e}") from None
     flat = []
-
-    def walk(v, depth):
-        if depth < len(shape):
-            if not isinstance(v, list) or len(v) != shape[depth]:
-                raise ServingError(_INVALID, "Expecting tensor size: "
-                                             f"{shape[depth]} but got: {json.dumps(v)}")
-            for item in v:
-                walk(item, depth + 1)
+    # Iterative walk (rank <= MAX_RANK): (list, depth, next index).
+    stack = [(value, 0)] if shape else []
+    if not shape:
+        if isinstance(value, list):
+            raise ServingError(_INVALID, f"Expecting a scalar but got: {_snippet(value)}")
+        flat.append(_scalar(value, dtype))
+    while stack:
+        v, depth = stack.pop()
+        if not isinstance(v, list) or len(v) != shape[depth]:
+            raise ServingError(_INVALID, "Expecting tensor size: "
+                                         f"{shape[depth]} but got: {_snippet(v)}")
+        if depth + 1 < len(shape):
+            stack.extend((item, depth + 1) for item in reversed(v))
         else:
-            if isinstance(v, list):
-                raise ServingError(_INVALID, f"Expecting a scalar but got: {json.dumps(v)}")
-            flat.append(_scalar(v, dtype))
-
-    walk(value, 0)
+            for item in v:
+                if isinstance(item, list):
+                    raise ServingError(_INVALID,
+                                       f"Expecting a scalar but got: {_snippet(item)}")
+                flat.append(_scalar(item, dtype))
     if dtype == types_pb2.DT_STRING:
         array = np.empty(len(flat), dtype=object)
         array[:] = flat
         return array.reshape(shape)
-    return np.array(flat, dtype=numpy_dtype(dtype)).reshape(shape)
+    with np.errstate(over="ignore", invalid="ignore"):  # 1e39 as float32 is inf, as in TF
+        return np.array(flat, dtype=numpy_dtype(dtype)).reshape(shape)
+
+
+def _content_proto(array, dtype):
+    """A TensorProto holding `array` as `tensor_content` (strings: typed `string_val`)."""
+    if dtype == types_pb2.DT_STRING:
+        return from_ndarray(array, dtype=dtype)
+    proto = tensor_pb2.TensorProto(dtype=dtype)
+    for size in array.shape:
+        proto.tensor_shape.dim.add().size = size
+    proto.tensor_content = np.ascontiguousarray(array, dtype=numpy_dtype(dtype)).tobytes()
+    return proto
 
 
 def _to_json(array, alias):
@@ -147,13 +281,21 @@ def _to_json(array, alias):
         convert(v) for v in array]
 
 
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
 def _feature(value):
     values = value if isinstance(value, list) else [value]
     feature = feature_pb2.Feature()
-    if all(isinstance(v, bool) or isinstance(v, int) for v in values) and values:
+    if values and all((isinstance(v, bool) or isinstance(v, int)) and
+                      _INT64[0] <= v <= _INT64[1] for v in values):
         feature.int64_list.value.extend(int(v) for v in values)
-    elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) and values:
-        feature.float_list.value.extend(float(v) for v in values)
+    elif values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        try:
+            feature.float_list.value.extend(float(v) for v in values)
+        except OverflowError:
+            raise ServingError(_INVALID, f"JSON Value: {_snippet(value)} is out of range for "
+                                         "a float feature") from None
     else:
         feature.bytes_list.value.extend(_scalar(v, types_pb2.DT_STRING) for v in values)
     return feature
@@ -164,6 +306,7 @@ def _example(obj):
         raise ServingError(_INVALID, "Expected 'examples' to be an array of objects.")
     example = example_pb2.Example()
     for name, value in obj.items():
+        _utf8(name)
         example.features.feature[name].CopyFrom(_feature(value))
     return example
 
@@ -175,10 +318,16 @@ class RestApi:
         manager: the `ModelManager`.
         runner: the `_inference.Runner`.
         timeout_s: run timeout for each request (`--rest_api_timeout_in_ms`).
+        max_request_elements: cap on the 4-byte elements of all of a Predict's JSON inputs
+            (None = no cap); default `serving._tensors.DEFAULT_MAX_ELEMENTS`.
+        max_request_strings: cap on their strings; default `DEFAULT_MAX_STRINGS`.
     """
 
-    def __init__(self, manager, runner, timeout_s=30.0):
+    def __init__(self, manager, runner, timeout_s=30.0, max_request_elements=DEFAULT_MAX_ELEMENTS,
+                 max_request_strings=DEFAULT_MAX_STRINGS):
         self.manager, self.runner, self.timeout_s = manager, runner, timeout_s
+        self.max_request_elements = max_request_elements
+        self.max_request_strings = max_request_strings
 
     def handle(self, method, path, body):
         """Returns (http status, JSON-able object) for one request."""
@@ -186,6 +335,10 @@ class RestApi:
             return 200, self._dispatch(method, path, body)
         except ServingError as e:
             return http_status(e.code), {"error": e.message}
+        except RecursionError:
+            return 400, {"error": "JSON Parse error: The document is nested too deeply"}
+        except MemoryError:
+            return 429, {"error": "Out of memory while handling the request"}
         except Exception as e:  # Never drop the connection without an answer.
             return 500, {"error": f"{type(e).__name__}: {e}"}
 
@@ -215,6 +368,7 @@ class RestApi:
         signature_name = request.get("signature_name", "")
         if not isinstance(signature_name, str):
             raise ServingError(_INVALID, "'signature_name' key must be a string value.")
+        _utf8(signature_name)
         spec.signature_name = signature_name
         deadline = time.monotonic() + self.timeout_s
         if verb == "predict":
@@ -229,6 +383,9 @@ class RestApi:
             request = json.loads(body)
         except ValueError as e:
             raise ServingError(_INVALID, f"JSON Parse error: {e}") from None
+        except RecursionError:
+            raise ServingError(_INVALID, "JSON Parse error: The document is nested too deeply "
+                                         f"(more than about {MAX_JSON_DEPTH} levels)") from None
         if not isinstance(request, dict):
             raise ServingError(_INVALID, "JSON Parse error: The document root must be an object")
         return request
@@ -297,12 +454,20 @@ class RestApi:
                 raise ServingError(_INVALID, "Expecting 'inputs' to be an object with keys "
                                              f"{{{','.join(aliases)}}}")
         predict = predict_pb2.PredictRequest(model_spec=spec)
+        used = strings = 0
         for alias, value in columns.items():
+            _utf8(alias)
             dtype = signature.inputs[alias].dtype if alias in signature.inputs else (
                 types_pb2.DT_FLOAT)
-            predict.inputs[alias].CopyFrom(from_ndarray(json_to_array(value, dtype), dtype=dtype))
+            array = json_to_array(value, dtype, self.max_request_elements,
+                                  self.max_request_strings, used, strings)
+            used += array.size * max(1, array.itemsize // 4) if array.dtype != object else (
+                array.size)
+            strings += array.size if array.dtype == object else 0
+            predict.inputs[alias].CopyFrom(_content_proto(array, dtype))
+            del array
         response = self.runner.predict(_inference.Pinned(servable), predict, deadline)
-        outputs = {alias: to_ndarray(t) for alias, t in response.outputs.items()}
+        outputs = {alias: to_ndarray(t, None, None) for alias, t in response.outputs.items()}
         if "instances" in request:
             batch = {a.shape[0] if a.ndim else None for a in outputs.values()}
             if len(batch) != 1 or None in batch:
@@ -343,22 +508,234 @@ def _round(value):
     return value if math.isnan(value) or math.isinf(value) else float(str(np.float32(value)))
 
 
-def make_http_server(api, host, port):
-    """Returns a `ThreadingHTTPServer` serving `api`; `serve_forever()` it in a thread."""
+class _DeadlineReader(io.RawIOBase):
+    """The socket's reading side, each `recv` limited to what is left of `handler.deadline`,
+    so that bytes trickling in cannot stretch one request's read time."""
+
+    def __init__(self, handler):
+        super().__init__()
+        self.handler = handler
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        left = self.handler.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("read timed out")
+        self.handler.connection.settimeout(None if left == math.inf else left)
+        return self.handler.connection.recv_into(buffer)
+
+
+class _Connection:
+    __slots__ = ("busy",)
+
+    def __init__(self):
+        self.busy = False
+
+
+class RestHTTPServer(ThreadingHTTPServer):
+    """A `ThreadingHTTPServer` whose daemon handler threads and open connections it tracks, so
+    that `shutdown()` + `server_close()` end every connection promptly (see the module doc)."""
+
+    daemon_threads = True
+    block_on_close = False  # server_close drains connections itself, with a bound
+
+    def __init__(self, address, handler, close_timeout_s=DEFAULT_CLOSE_TIMEOUT_S):
+        self.close_timeout_s = close_timeout_s
+        self.closing = False
+        self._lock = threading.Lock()
+        self._connections = {}
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        with self._lock:
+            if self.closing:
+                self.shutdown_request(request)
+                return
+            self._connections[request] = _Connection()
+        super().process_request(request, client_address)
+
+    def connection_state(self, request):
+        with self._lock:
+            return self._connections.get(request) or _Connection()
+
+    def shutdown_request(self, request):
+        with self._lock:
+            self._connections.pop(request, None)
+        super().shutdown_request(request)
+
+    def open_connections(self):
+        """How many client connections are open."""
+        with self._lock:
+            return len(self._connections)
+
+    def _shut(self, busy_too):
+        with self._lock:
+            for sock, state in list(self._connections.items()):
+                if busy_too or not state.busy:
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+            return len(self._connections)
+
+    def server_close(self):
+        """Closes the listening socket, then idle and half-read connections at once; waits up
+        to `close_timeout_s` for requests being answered, then shuts the rest down."""
+        super().server_close()
+        with self._lock:
+            self.closing = True
+        deadline = time.monotonic() + self.close_timeout_s
+        while self._shut(busy_too=False) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self._shut(busy_too=True)
+
+    def handle_error(self, request, client_address):
+        log.debug("REST connection from %s failed", client_address, exc_info=True)
+
+
+def make_http_server(api, host, port, *, max_body_bytes=DEFAULT_MAX_BODY_BYTES,
+                     read_timeout_s=DEFAULT_READ_TIMEOUT_S,
+                     close_timeout_s=DEFAULT_CLOSE_TIMEOUT_S):
+    """Returns a `RestHTTPServer` serving `api`; `serve_forever()` it in a thread.
+
+    Args:
+        api: the `RestApi`.
+        host, port: where to listen.
+        max_body_bytes: the largest request body (413 beyond; None = no limit).
+        read_timeout_s: bound on the idle wait for a request, and separately on receiving one
+            request's headers and body (None = no bound).
+        close_timeout_s: how long `server_close()` waits for requests being answered.
+    """
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        timeout = read_timeout_s
+        deadline = math.inf
 
-        def _answer(self, method):
-            length = int(self.headers.get("Content-Length") or 0)
-            body = self.rfile.read(length).decode("utf-8", "replace") if length else ""
-            status, payload = api.handle(method, self.path, body)
+        def setup(self):
+            super().setup()
+            self.state = self.server.connection_state(self.request)
+            self.rfile.close()
+            self.rfile = io.BufferedReader(_DeadlineReader(self))
+
+        def _restart_clock(self):
+            self.deadline = (math.inf if read_timeout_s is None
+                             else time.monotonic() + read_timeout_s)
+
+        def handle_one_request(self):
+            if self.server.closing:
+                self.close_connection = True
+                return
+            self._restart_clock()  # The idle wait for the request line.
+            try:
+                super().handle_one_request()
+            except OSError:  # The client went away, or server_close shut the socket down.
+                self.close_connection = True
+
+        def parse_request(self):
+            self._restart_clock()  # Headers and body.
+            return super().parse_request()
+
+        def _send_json(self, status, payload, close=False, headers=()):
+            if close:
+                self.close_connection = True
             data = json.dumps(payload, indent=None).encode("utf-8")
+            self.connection.settimeout(read_timeout_s)
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            for key, value in headers:
+                self.send_header(key, value)
+            if self.close_connection:
+                self.send_header("Connection", "close")
             self.end_headers()
-            self.wfile.write(data)
+            if self.command != "HEAD":
+                self.wfile.write(data)
+            self.wfile.flush()
+
+        def send_error(self, code, message=None, explain=None):
+            """The HTTP layer's own errors (bad request line, headers too large, ...) as JSON."""
+            self.close_connection = True
+            try:
+                phrase = self.responses[code][0]
+            except KeyError:
+                phrase = "Error"
+            self._send_json(code, {"error": message or phrase}, close=True)
+
+        def _content_length(self):
+            """The declared body length, or None after answering an error."""
+            lengths = self.headers.get_all("Content-Length") or []
+            chunked = self.headers.get("Transfer-Encoding")
+            if chunked and lengths:
+                self._send_json(400, {"error": "Both Transfer-Encoding and Content-Length "
+                                               "are set"}, close=True)
+                return None
+            if chunked or not lengths:
+                if self.command == "POST":
+                    self._send_json(411, {"error": "Length Required: a POST needs a "
+                                                   "Content-Length header (chunked bodies "
+                                                   "are not supported)"}, close=True)
+                    return None
+                return 0
+            values = {v.strip() for v in lengths}
+            value = values.pop()
+            if values or not value.isascii() or not value.isdigit():
+                self._send_json(400, {"error": "Invalid Content-Length: "
+                                               f"{', '.join(lengths)[:100]}"}, close=True)
+                return None
+            length = int(value) if len(value) <= 30 else 10 ** 30
+            if max_body_bytes is not None and length > max_body_bytes:
+                self._send_json(413, {"error": f"Request body of {length} bytes is larger "
+                                               f"than the limit of {max_body_bytes} bytes"},
+                                close=True)
+                return None
+            return length
+
+        def handle_expect_100(self):
+            # Refuse a bad or oversized body before the client sends it.
+            if self._content_length() is None:
+                return False
+            return super().handle_expect_100()
+
+        def _read_body(self, length):
+            """Reads `length` bytes, or answers 400/408 and returns None."""
+            chunks, got = [], 0
+            try:
+                while got < length:
+                    chunk = self.rfile.read1(min(length - got, 1 << 20))
+                    if not chunk:
+                        self._send_json(400, {"error": f"Request body truncated: got {got} "
+                                                       f"of {length} bytes"}, close=True)
+                        return None
+                    chunks.append(chunk)
+                    got += len(chunk)
+            except TimeoutError:
+                self._send_json(408, {"error": f"Request body not received in "
+                                               f"{read_timeout_s:g} s: got {got} of {length} "
+                                               "bytes"}, close=True)
+                return None
+            return b"".join(chunks)
+
+        def _answer(self, method):
+            length = self._content_length()
+            if length is None:
+                return
+            data = self._read_body(length) if length else b""
+            if data is None:
+                return
+            body = data.decode("utf-8", "replace")
+            del data
+            self.state.busy = True
+            try:
+                status, payload = api.handle(method, self.path, body)
+                del body
+                if self.server.closing:
+                    self.close_connection = True
+                self._send_json(status, payload)
+            finally:
+                self.state.busy = False
 
         def do_GET(self):  # noqa: N802
             self._answer("GET")
@@ -366,9 +743,17 @@ def make_http_server(api, host, port):
         def do_POST(self):  # noqa: N802
             self._answer("POST")
 
+        def _not_allowed(self):
+            self._send_json(405, {"error": f"Malformed request: {self.command} "
+                                           f"{self.path.split('?', 1)[0][:200]}"},
+                            close=True, headers=[("Allow", "GET, POST")])
+
+        def __getattr__(self, name):
+            if name.startswith("do_"):  # PUT, DELETE, PATCH, HEAD, OPTIONS, anything else
+                return self._not_allowed
+            raise AttributeError(name)
+
         def log_message(self, format, *args):  # noqa: A002
             pass
 
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = False
-    return server
+    return RestHTTPServer((host, port), Handler, close_timeout_s=close_timeout_s)
