@@ -3,11 +3,12 @@
 `export_saved_model` writes ``<base_dir>/<N>/`` (N = one more than the largest
 existing integer version) with three signatures:
 
-* ``serving_default``: ``images`` ``DT_STRING [batch]`` of encoded JPEG/PNG/GIF/BMP
+* ``serving_default``: ``images`` ``DT_STRING [batch]`` of encoded JPEG/PNG/GIF/BMP/WebP
   bytes of any size (grayscale and RGBA become RGB) -> the evaluation preprocessing of
   `keras_alexnet.preprocessing` (the same definition training and evaluation use) ->
-  ``classes`` ``DT_INT32 [batch, 5]``, ``scores`` ``DT_FLOAT [batch, 5]`` (softmax
-  probabilities, descending) and ``labels`` ``DT_STRING [batch, 5]``.
+  ``classes`` ``DT_INT32 [batch, K]``, ``scores`` ``DT_FLOAT [batch, K]`` (softmax
+  probabilities, descending) and ``labels`` ``DT_STRING [batch, K]``; K is 5, or the
+  number of classes when there are 2 to 4 (``top_k`` in ``assets.extra/alexnet_export.json``).
 * ``serving_pixels``: ``pixels`` ``DT_FLOAT [batch, S, S, 3]`` already preprocessed
   (resized, centre-cropped, mean subtracted; S the model's input size) -> the same outputs
   plus ``probabilities`` ``DT_FLOAT [batch, num_classes]`` (the whole softmax, for
@@ -17,18 +18,24 @@ existing integer version) with three signatures:
   [batch, 5]`` (the labels) and ``scores``, the layout TensorFlow Serving's Classify
   API expects.
 
-Images whose header declares more than `MAX_IMAGE_PIXELS` pixels are rejected before
-decoding (``InvalidArgumentError``), so one request cannot exhaust a server's memory.
+Images whose header declares more than `MAX_IMAGE_PIXELS` pixels (for a GIF: all its
+frames together) are rejected before decoding (``InvalidArgumentError``), so one
+request cannot exhaust a server's memory; bytes of any other format, and animated
+WebP, are rejected with their own message rather than let through.
 The version is written to a hidden temporary directory beside it and renamed into
-place, so a server polling ``base_dir`` never sees a half-written version. The
-SavedModel needs neither Keras nor this package to load.
+place, so a server polling ``base_dir`` never sees a half-written version; its
+directories and files get the modes of ordinary file creation (0755 / 0644 under umask
+022), so a server running as another user can read it. The SavedModel needs neither
+Keras nor this package to load.
 """
 
 import json
 import os
 import pathlib
 import shutil
+import socket
 import tempfile
+import time
 
 import keras
 import numpy as np
@@ -39,6 +46,90 @@ from keras_alexnet import preprocessing
 TOP_K = 5
 MAX_IMAGE_PIXELS = 50_000_000
 METADATA_FILE = "alexnet_export.json"
+STAGING_PREFIX = ".tmp-"
+STALE_STAGING_SECONDS = 24 * 3600
+
+
+def top_k_for(num_classes):
+    """How many classes the signatures return: `TOP_K`, or all of them when fewer.
+
+    Raises:
+        ValueError: for fewer than 2 classes (nothing to classify).
+    """
+    if num_classes < 2:
+        raise ValueError(f"A classifier needs at least 2 classes; the model has {num_classes}. "
+                         "Add image folders (one per class) to the dataset.")
+    return min(TOP_K, num_classes)
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def make_readable(root):
+    """Gives ``root`` and everything below it the modes of ordinary file creation:
+    directories ``0o777 & ~umask``, files ``0o666 & ~umask`` (0755 / 0644 under the usual
+    umask 022), so that any user allowed to read the model base path (a server's own
+    account) can load the version; `tempfile.mkdtemp` would leave the top 0700."""
+    mask = _umask()
+    dir_mode, file_mode = 0o777 & ~mask, 0o666 & ~mask
+    os.chmod(root, dir_mode)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            os.chmod(os.path.join(dirpath, name), dir_mode)
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), file_mode)
+
+
+def _host():
+    return socket.gethostname().replace("-", "_")
+
+
+def _staging_owner_alive(path):
+    """Whether the export that made the staging folder ``path`` may still be running.
+
+    Its name holds the host and process id (``.tmp-<version>-<host>-<pid>-<random>``):
+    on this host, a process that is gone (or this very process, which only cleans up
+    before it exports) left it behind. Another host's folder on a shared filesystem,
+    or a live process's, is left alone unless it is older than `STALE_STAGING_SECONDS`.
+    """
+    try:
+        if time.time() - path.stat().st_mtime > STALE_STAGING_SECONDS:
+            return False
+    except OSError:
+        return False
+    parts = path.name[len(STAGING_PREFIX):].split("-")
+    if len(parts) != 4 or not parts[2].isdigit():
+        return False  # a name without an owner (older releases): a leftover
+    host, pid = parts[1], int(parts[2])
+    if host != _host():
+        return True
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_staging(base_dir):
+    """Deletes the staging folders of exports into ``base_dir`` that were killed before
+    their rename (their process is gone); returns the names removed."""
+    base = pathlib.Path(base_dir)
+    if not base.is_dir():
+        return []
+    removed = []
+    for path in base.iterdir():
+        if path.name.startswith(STAGING_PREFIX) and path.is_dir() and not path.is_symlink():
+            if not _staging_owner_alive(path):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path.name)
+    return sorted(removed)
 
 
 def _le_uint(data, offset, length):
@@ -54,13 +145,119 @@ def _be_uint(data, offset, length):
     return tf.reduce_sum(raw * (256 ** tf.range(length - 1, -1, -1, dtype=tf.int64)))
 
 
-def declared_pixels(image_bytes):
-    """Pixel count declared by an image header (JPEG, PNG, GIF, BMP); 0 if unknown.
+UNSUPPORTED_FORMAT = -1  # `declared_pixels` of bytes that are no format the decoder takes
+ANIMATED_WEBP = -2  # `declared_pixels` of an animated WebP (the RGB decoder refuses them)
 
-    Reads only the header, so a decompression bomb is caught before it is decoded.
+
+def _byte_reader(image_bytes):
+    """``byte(i)``: the unsigned byte at ``i`` as int64, 0 past the end."""
+    data = tf.io.decode_raw(image_bytes, tf.uint8)
+    n = tf.size(data, out_type=tf.int64)
+
+    def byte(i):
+        i = tf.cast(i, tf.int64)
+        inside = tf.logical_and(i >= 0, i < n)
+        value = tf.gather(data, tf.clip_by_value(i, tf.constant(0, tf.int64), tf.maximum(n - 1, 0)))
+        return tf.where(inside, tf.cast(value, tf.int64), tf.constant(0, tf.int64))
+
+    return byte, n
+
+
+def _gif_pixels(image_bytes):
+    """Pixels the GIF decoder holds: every frame counted, each at least the logical screen.
+
+    giflib's ``DGifSlurp`` (behind ``tf.io.decode_image``, even for the first frame
+    only) decodes every frame's raster, so a small file of many large frames is a
+    decompression bomb however small its first frame is. After the header and global
+    colour table come blocks: an extension (0x21, a label, then sub-blocks), an image
+    descriptor (0x2C, 10 bytes, a local colour table, the LZW code size, sub-blocks)
+    or the trailer (0x3B); sub-blocks are a size byte and that many bytes, until a 0.
+    The blocks are walked in graph (an inner loop of a few scalar ops per 255-byte
+    sub-block: about 0.1 s for a 1.4 MB GIF on one core), stopping at the trailer, at
+    anything else, or as soon as the count passes `MAX_IMAGE_PIXELS`. Returns the sum
+    over frames of max(frame area, screen area), at least the screen area.
+    """
+    data = tf.io.decode_raw(image_bytes, tf.uint8)
+    n = tf.size(data, out_type=tf.int32)
+    padded = tf.cast(tf.concat([data, tf.zeros([16], tf.uint8)], 0), tf.int32)
+
+    def byte(i):  # 0 past the end (the loops stop there)
+        return tf.gather(padded, tf.minimum(i, n))
+
+    def color_table(packed):
+        present = tf.not_equal(tf.bitwise.bitwise_and(packed, 0x80), 0)
+        return tf.where(present, 3 * tf.bitwise.left_shift(2, tf.bitwise.bitwise_and(packed, 7)),
+                        0)
+
+    def skip_sub_blocks(pos):
+        pos = tf.while_loop(lambda p: tf.logical_and(p < n, tf.not_equal(byte(p), 0)),
+                            lambda p: (p + byte(p) + 1,), (pos,), parallel_iterations=1)[0]
+        return pos + 1
+
+    screen = tf.cast(byte(6) + 256 * byte(7), tf.int64) * tf.cast(byte(8) + 256 * byte(9),
+                                                                    tf.int64)
+
+    def block(pos, total):
+        kind = byte(pos)
+        is_image = tf.equal(kind, 0x2C)
+        frame = (tf.cast(byte(pos + 5) + 256 * byte(pos + 6), tf.int64)
+                 * tf.cast(byte(pos + 7) + 256 * byte(pos + 8), tf.int64))
+        first = tf.where(is_image, pos + 11 + color_table(byte(pos + 9)), pos + 2)
+        following = tf.cond(tf.logical_or(is_image, tf.equal(kind, 0x21)),
+                            lambda: skip_sub_blocks(first), lambda: n)  # trailer, junk: stop
+        return following, total + tf.where(is_image, tf.maximum(frame, screen), 0)
+
+    _, total = tf.while_loop(
+        lambda pos, total: tf.logical_and(pos < n, total <= MAX_IMAGE_PIXELS),
+        block,
+        (13 + color_table(byte(10)), tf.constant(0, tf.int64)),
+        parallel_iterations=1,
+    )
+    return tf.maximum(total, screen)
+
+
+def _webp_pixels(image_bytes):
+    """Canvas pixels of a WebP (simple lossy ``VP8 ``, lossless ``VP8L``, extended ``VP8X``)."""
+    byte, _ = _byte_reader(image_bytes)
+    chunk = tf.strings.substr(image_bytes, 12, 4)
+
+    def vp8():  # key frame: 3-byte frame tag, start code 9d 01 2a, 14-bit width and height
+        width = tf.bitwise.bitwise_and(byte(26) + 256 * byte(27), 0x3FFF)
+        height = tf.bitwise.bitwise_and(byte(28) + 256 * byte(29), 0x3FFF)
+        return width * height
+
+    def vp8l():  # signature 0x2f, then 14 bits width - 1 and 14 bits height - 1
+        bits = byte(21) + 256 * byte(22) + 65536 * byte(23) + 16777216 * byte(24)
+        width = tf.bitwise.bitwise_and(bits, 0x3FFF) + 1
+        height = tf.bitwise.bitwise_and(tf.bitwise.right_shift(bits, 14), 0x3FFF) + 1
+        return width * height
+
+    def vp8x():  # flags (bit 1: animation), 3 reserved bytes, 24-bit canvas width/height - 1
+        width = byte(24) + 256 * byte(25) + 65536 * byte(26) + 1
+        height = byte(27) + 256 * byte(28) + 65536 * byte(29) + 1
+        animated = tf.not_equal(tf.bitwise.bitwise_and(byte(20), 0x02), 0)
+        return tf.where(animated, tf.constant(ANIMATED_WEBP, tf.int64), width * height)
+
+    return tf.case(
+        [(tf.equal(chunk, b"VP8 "), vp8), (tf.equal(chunk, b"VP8L"), vp8l),
+         (tf.equal(chunk, b"VP8X"), vp8x)],
+        default=lambda: tf.constant(UNSUPPORTED_FORMAT, tf.int64),
+        exclusive=False,
+    )
+
+
+def declared_pixels(image_bytes):
+    """Pixels an image's header declares (JPEG, PNG, GIF, BMP, WebP): the decoder's cost.
+
+    Reads only the headers (for a GIF, the block structure: every frame counts), so a
+    decompression bomb is caught before it is decoded. Returns `UNSUPPORTED_FORMAT`
+    for bytes of any other format (or too short for their header) and `ANIMATED_WEBP`
+    for an animated WebP, so that nothing unrecognised bypasses the limit.
     """
     length = tf.strings.length(image_bytes)
-    magic = tf.strings.substr(image_bytes, 0, 4)
+    # The magic numbers are read from a zero-padded copy: substr past the end raises.
+    head = tf.strings.substr(tf.strings.join([image_bytes, b"\0" * 16]), 0, 16)
+    magic = tf.strings.substr(head, 0, 4)
 
     def jpeg():
         shape = tf.io.extract_jpeg_shape(image_bytes, output_type=tf.int64)
@@ -70,25 +267,32 @@ def declared_pixels(image_bytes):
         return _be_uint(image_bytes, 16, 4) * _be_uint(image_bytes, 20, 4)
 
     def gif():
-        return _le_uint(image_bytes, 6, 2) * _le_uint(image_bytes, 8, 2)
+        return _gif_pixels(image_bytes)
 
     def bmp():
         height = _le_uint(image_bytes, 22, 4)
         height = tf.where(height >= 2**31, 2**32 - height, height)  # top-down BMPs
         return _le_uint(image_bytes, 18, 4) * height
 
+    def webp():
+        return _webp_pixels(image_bytes)
+
     def unknown():
-        return tf.constant(0, tf.int64)
+        return tf.constant(UNSUPPORTED_FORMAT, tf.int64)
 
     is_png = tf.logical_and(tf.equal(magic, b"\x89PNG"), length >= 24)
-    is_gif = tf.logical_and(tf.equal(tf.strings.substr(image_bytes, 0, 3), b"GIF"), length >= 10)
-    is_bmp = tf.logical_and(tf.equal(tf.strings.substr(image_bytes, 0, 2), b"BM"), length >= 26)
+    is_gif = tf.logical_and(tf.equal(tf.strings.substr(head, 0, 3), b"GIF"), length >= 13)
+    is_bmp = tf.logical_and(tf.equal(tf.strings.substr(head, 0, 2), b"BM"), length >= 26)
+    is_webp = tf.logical_and(
+        tf.logical_and(tf.equal(magic, b"RIFF"), tf.equal(tf.strings.substr(head, 8, 4), b"WEBP")),
+        length >= 30)
     return tf.case(
         [
             (tf.io.is_jpeg(image_bytes), jpeg),
             (is_png, png),
             (is_gif, gif),
             (is_bmp, bmp),
+            (is_webp, webp),
         ],
         default=unknown,
         exclusive=False,
@@ -97,11 +301,23 @@ def declared_pixels(image_bytes):
 
 def _checked_eval_pixels(image_bytes, image_size, mean):
     pixels = declared_pixels(image_bytes)
-    check = tf.debugging.assert_less_equal(
-        pixels,
-        tf.constant(MAX_IMAGE_PIXELS, tf.int64),
-        message=f"Image too large: its header declares more than {MAX_IMAGE_PIXELS} pixels",
-    )
+    checks = [
+        tf.debugging.assert_none_equal(
+            pixels, tf.constant(UNSUPPORTED_FORMAT, tf.int64),
+            message="Unsupported image format: send JPEG, PNG, GIF, BMP or WebP bytes "
+                    "(the header was not recognised, or is truncated)"),
+        tf.debugging.assert_none_equal(
+            pixels, tf.constant(ANIMATED_WEBP, tf.int64),
+            message="Animated WebP is not supported: send a still image (e.g. its first "
+                    "frame as PNG or JPEG)"),
+    ]
+    with tf.control_dependencies(checks):
+        check = tf.debugging.assert_less_equal(
+            pixels,
+            tf.constant(MAX_IMAGE_PIXELS, tf.int64),
+            message=f"Image too large: its header declares more than {MAX_IMAGE_PIXELS} "
+                    "pixels (every frame of a GIF counts); send a smaller image",
+        )
     with tf.control_dependencies([check]):
         return preprocessing.eval_from_bytes(image_bytes, image_size, mean)
 
@@ -114,6 +330,7 @@ class _Endpoints:
         self.size = int(model.input_shape[1])
         self.labels = tf.constant(labels, tf.string)
         self.num_classes = len(labels)
+        self.k = top_k_for(self.num_classes)
         self.mean = tf.constant(mean, tf.float32)
 
     def top_k(self, pixels, with_probabilities=False):
@@ -125,7 +342,7 @@ class _Endpoints:
             lambda: tf.zeros([0, self.num_classes], tf.float32),
         )
         probabilities = tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
-        scores, classes = tf.math.top_k(probabilities, k=TOP_K)
+        scores, classes = tf.math.top_k(probabilities, k=self.k)
         outputs = {
             "classes": tf.cast(classes, tf.int32),
             "scores": scores,
@@ -199,8 +416,7 @@ def export_saved_model(model, base_dir, class_names, *, version=None, mean=None)
             f"The model has {num_outputs} outputs but {len(class_names)} class names were "
             "given; pass one name per class, in class-index order."
         )
-    if num_outputs < TOP_K:
-        raise ValueError(f"Export returns the top {TOP_K}; the model has only {num_outputs} classes.")
+    top_k = top_k_for(num_outputs)
     base = pathlib.Path(base_dir)
     if version is None:
         version = (existing_versions(base) or [0])[-1] + 1
@@ -233,7 +449,8 @@ def export_saved_model(model, base_dir, class_names, *, version=None, mean=None)
     )
     # A hidden name (TF Serving ignores non-numeric directories) on the same filesystem,
     # renamed into place only once complete.
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=base))
+    staging = pathlib.Path(tempfile.mkdtemp(
+        prefix=f"{STAGING_PREFIX}{version}-{_host()}-{os.getpid()}-", dir=base))
     try:
         archive.write_out(str(staging), verbose=False)
         metadata = {
@@ -241,12 +458,13 @@ def export_saved_model(model, base_dir, class_names, *, version=None, mean=None)
             "image_size": size,
             "mean": np.asarray(mean).tolist() if np.asarray(mean).size == 3 else "per-pixel",
             "signatures": ["serving_default", "serving_pixels", "classify"],
-            "top_k": TOP_K,
+            "top_k": top_k,
         }
         (staging / "assets.extra").mkdir(exist_ok=True)
         (staging / "assets.extra" / METADATA_FILE).write_text(json.dumps(metadata, indent=1))
         if np.asarray(mean).size != 3:  # the per-pixel mean image, for offline evaluation
             np.save(staging / "assets.extra" / "mean.npy", np.asarray(mean, np.float32))
+        make_readable(staging)  # modes survive the rename
         os.rename(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
