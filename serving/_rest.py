@@ -658,6 +658,8 @@ def make_http_server(api, host, port, *, max_body_bytes=DEFAULT_MAX_BODY_BYTES,
         def send_error(self, code, message=None, explain=None):
             """The HTTP layer's own errors (bad request line, headers too large, ...) as JSON."""
             self.close_connection = True
+            if self.request_version == "HTTP/0.9":  # unparsed version: answer with headers
+                self.request_version = "HTTP/1.1"
             try:
                 phrase = self.responses[code][0]
             except KeyError:
