@@ -10,6 +10,7 @@ unload never breaks a request in flight.
 
 import logging
 import os
+import heapq
 import re
 import threading
 import time
@@ -25,6 +26,10 @@ log = logging.getLogger("serving")
 
 State = get_model_status_pb2.ModelVersionStatus.State
 _VERSION_DIR = re.compile(r"^\d+$")
+# Model names must be routable over REST (`/v1/models/<name>`) and printable.
+_BAD_NAME = re.compile(r"[/:\s\x00-\x1f\x7f]")
+# How long a reload waits for another reload to finish before it answers ABORTED.
+RELOAD_LOCK_WAIT_S = 0.5
 _OK, _UNKNOWN = 0, 2
 
 
@@ -79,8 +84,13 @@ def aspired_versions(policy, versions):
     return set(sorted(versions, reverse=True)[:n])
 
 
-def validate_config(config, current_platforms=None):
-    """Checks a `ModelServerConfig` as `ServerCore` does; raises `ServingError`."""
+def validate_config(config, current_platforms=None, check_paths=False):
+    """Checks a `ModelServerConfig` as `ServerCore` does; raises `ServingError`.
+
+    With `check_paths` (reloads) every local base path must also exist and hold at least one
+    numeric version directory, like `FileSystemStoragePathSource::FailIfZeroVersions`, so a
+    reload that could never become AVAILABLE is refused before anything is applied.
+    """
     kind = config.WhichOneof("config")
     if kind == "custom_model_config":
         raise ServingError(
@@ -90,6 +100,12 @@ def validate_config(config, current_platforms=None):
         )
     seen = set()
     for model in config.model_config_list.config:
+        if not model.name or _BAD_NAME.search(model.name):
+            raise ServingError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"Invalid model name {model.name!r}: it must be non-empty and hold no '/', ':', "
+                "whitespace or control characters",
+            )
         if model.name in seen:
             raise ServingError(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -120,6 +136,20 @@ def validate_config(config, current_platforms=None):
                 f"Illegal to change a model's platform. For model {model.name} platform was "
                 f"{old} and new platform requested is {model.model_platform}",
             )
+        if check_paths:
+            _check_base_path(model.name, model.base_path)
+
+
+def _check_base_path(name, base_path):
+    try:
+        versions = list_versions(base_path)
+    except OSError:
+        raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"Could not find base path {base_path} for servable {name}") from None
+    if not versions:
+        raise ServingError(grpc.StatusCode.NOT_FOUND,
+                           f"Unable to find a numerical version path for servable {name} at: "
+                           f"{base_path}")
 
 
 class _Version:
@@ -127,6 +157,7 @@ class _Version:
         self.state = State.START
         self.error_code, self.error_message = _OK, ""
         self.servable = None
+        self.attempts = 0  # failed load attempts so far
 
 
 class _Model:
@@ -134,6 +165,7 @@ class _Model:
         self.config = config
         self.versions = {}  # version -> _Version, every version ever seen
         self.available = {}  # version -> Servable, replaced whole on change
+        self.aspired = set()  # what the last poll's policy wants loaded
         self.active = True
 
 
@@ -142,27 +174,39 @@ class ModelManager:
 
     Args:
         config: a `tensorflow.serving.ModelServerConfig` (validated by `validate_config`).
-        poll_wait_seconds: seconds between file-system polls; 0 polls once, negative never.
-        max_num_load_retries, load_retry_interval_s: retries of a failed load.
+        poll_wait_seconds: seconds between file-system polls; 0 polls once, negative never
+            (reloads still poll once).
+        max_num_load_retries, load_retry_interval_s: retries of a failed load, re-queued on
+            the loader thread (never slept through by discovery).
         tags: MetaGraphDef tags to load.
         warmup: optional callable(servable) run after a load; an exception fails the load.
+        reload_timeout_s: the most a `reload_config` waits for its models (a caller's own
+            timeout can only shorten it).
     """
 
     def __init__(self, config, *, poll_wait_seconds=1.0, max_num_load_retries=5,
                  load_retry_interval_s=60.0, tags=("serve",), warmup=None,
-                 allow_labels_for_unavailable=False):
+                 allow_labels_for_unavailable=False, reload_timeout_s=60.0):
         self.poll_wait_seconds = poll_wait_seconds
         self.max_num_load_retries = max_num_load_retries
         self.load_retry_interval_s = load_retry_interval_s
         self.tags = tuple(tags)
         self.warmup = warmup
         self.allow_labels_for_unavailable = allow_labels_for_unavailable
+        self.reload_timeout_s = reload_timeout_s
         self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)  # a version changed state
+        self._work = threading.Condition(self._lock)  # the load queue changed
+        self._tasks = []  # heap of (due, seq, model, version, path, record)
+        self._seq = 0
         self._poll_lock = threading.Lock()
+        self._reload_lock = threading.Lock()
+        self._poll_now = threading.Event()
+        self._starting = False
         self._models = {}
         self._labels = {}
         self._stop = threading.Event()
-        self._thread = None
+        self._threads = []
         self._set_models(config)
 
     # Configuration.
@@ -196,54 +240,105 @@ class ModelManager:
         with self._lock:
             self._labels = labels
 
+    def _start_threads(self):
+        if self._threads:
+            return
+        for target, name in ((self._load_loop, "model-loader"), (self._poll_loop, "fs-poll")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
     def start(self):
-        """Runs the first poll, waits until every model has served or failed its initial
-        versions, assigns version labels, then keeps polling in a daemon thread.
+        """Starts the manager's threads, waits until every model has served or failed its
+        initial versions (polling at least once a second meanwhile), assigns version labels,
+        then keeps polling every `poll_wait_seconds` if that is positive.
 
         Raises:
             ServingError: UNKNOWN `<k> servable(s) did not become available: {...}` if a
                 model's initial versions all failed.
         """
-        interval = self.poll_wait_seconds if self.poll_wait_seconds > 0 else 1.0
-        while not self._stop.is_set():
+        self._starting = True
+        self._start_threads()
+        try:
             self.poll()
-            pending = [m for m in self._active_models() if not self._settled(m)]
-            if not pending:
-                break
-            self._stop.wait(interval)
+            with self._lock:
+                while not self._stop.is_set() and not all(
+                        self._settled(m) for m in self._active_models()):
+                    self._changed.wait(1.0)
+        finally:
+            self._starting = False
         failed = self._failures(self._active_models())
         if failed:
+            self.stop(timeout=1.0)
             raise ServingError(
                 grpc.StatusCode.UNKNOWN,
                 f"{len(failed)} servable(s) did not become available: "
                 f"{{{', '.join(failed)}}}",
             )
         self._assign_labels(self._config(), check=False)
-        if self.poll_wait_seconds > 0:
-            self._thread = threading.Thread(target=self._poll_loop, name="fs-poll", daemon=True)
-            self._thread.start()
 
-    def stop(self):
-        """Stops polling; loaded versions stay usable until dropped."""
+    def stop(self, timeout=5.0):
+        """Stops polling, loading and load retries, and ends reloads still waiting; waits at
+        most `timeout` seconds for the threads (a load in progress cannot be interrupted; its
+        daemon thread is abandoned). Loaded versions stay usable until dropped."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+        self._poll_now.set()
+        with self._lock:
+            self._work.notify_all()
+            self._changed.notify_all()
+        deadline = time.monotonic() + max(timeout, 0)
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(max(deadline - time.monotonic(), 0))
 
-    def reload_config(self, config):
+    def reload_config(self, config, timeout=None):
         """Replaces the model list (omitted models unload) and returns once the new models
-        are AVAILABLE, as `ServerCore::ReloadConfig` does; raises `ServingError`."""
+        are AVAILABLE, as `ServerCore::ReloadConfig` does; raises `ServingError`.
+
+        The whole config is validated (including base paths) before any of it is applied.
+        Loading happens on the manager's threads; this call only waits, at most
+        min(`timeout`, `reload_timeout_s`) seconds. Errors beyond TF Serving's rows 28-35:
+        ABORTED if another reload is still running, DEADLINE_EXCEEDED if the models are not
+        settled in time (the config stays applied and loading goes on), UNAVAILABLE if the
+        server stops meanwhile.
+        """
+        wait = self.reload_timeout_s if timeout is None else min(timeout, self.reload_timeout_s)
+        deadline = time.monotonic() + max(wait, 0)
+        if not self._reload_lock.acquire(timeout=max(min(RELOAD_LOCK_WAIT_S, wait), 0)):
+            raise ServingError(grpc.StatusCode.ABORTED,
+                               "Another model config reload is in progress; try again later")
+        try:
+            self._reload_locked(config, deadline)
+        finally:
+            self._reload_lock.release()
+
+    def _reload_locked(self, config, deadline):
+        if self._stop.is_set():
+            raise ServingError(grpc.StatusCode.UNAVAILABLE, "Server is shutting down")
         with self._lock:
             platforms = {n: m.config.model_platform for n, m in self._models.items() if m.active}
-        validate_config(config, platforms)
+        validate_config(config, platforms, check_paths=True)
         if not self.allow_labels_for_unavailable:
             self._check_labels(config)
+        self._start_threads()
         self._set_models(config)
-        while True:
-            self.poll()
-            models = [m for m in self._active_models() if not self._settled(m)]
-            if not models or self._stop.is_set():
-                break
-            time.sleep(0.2)
+        self.poll()  # Discovery only: lists directories and queues loads for the loader thread.
+        with self._lock:
+            while True:
+                pending = [m for m in self._active_models() if not self._settled(m)]
+                remaining = deadline - time.monotonic()
+                if not pending or self._stop.is_set() or remaining <= 0:
+                    break
+                self._changed.wait(min(remaining, 1.0))
+        if self._stop.is_set():
+            raise ServingError(grpc.StatusCode.UNAVAILABLE, "Server is shutting down")
+        if pending:
+            names = ", ".join(m.config.name for m in pending)
+            raise ServingError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"Timed out waiting for model(s) to become available: {{{names}}}; the new "
+                "config is applied and loading continues (see GetModelStatus)",
+            )
         failed = self._failures(self._active_models())
         if failed:
             raise ServingError(
@@ -279,9 +374,12 @@ class ModelManager:
 
     @staticmethod
     def _settled(model):
-        return bool(model.available) or any(
-            v.state == State.END and v.error_code != _OK for v in model.versions.values()
-        )
+        """Serving something, or every aspired version failed for good."""
+        if model.available:
+            return True
+        aspired = [model.versions.get(v) for v in model.aspired]
+        return bool(aspired) and all(
+            r is not None and r.state == State.END and r.error_code != _OK for r in aspired)
 
     @staticmethod
     def _failures(models):
@@ -290,30 +388,46 @@ class ModelManager:
             if model.available:
                 continue
             for version, v in sorted(model.versions.items()):
-                if v.error_code != _OK:
+                if v.error_code != _OK and v.state == State.END:
                     parts.append(
                         f"{{name: {model.config.name} version: {version}}} due to error: "
                         f"{v.error_message}"
                     )
         return parts
 
-    # Polling, loading, unloading.
+    # Polling (discovery), loading, unloading.
 
     def _poll_loop(self):
-        while not self._stop.wait(self.poll_wait_seconds):
+        while not self._stop.is_set():
+            if self._starting:  # Until the first versions settle, at least once a second.
+                timeout = max(self.poll_wait_seconds, 1.0)
+            elif self.poll_wait_seconds > 0:
+                timeout = self.poll_wait_seconds
+            else:
+                timeout = None  # No periodic polls; reloads poll themselves.
+            self._poll_now.wait(timeout)
+            self._poll_now.clear()
+            if self._stop.is_set() or timeout is None:
+                continue
             try:
                 self.poll()
             except Exception:  # A poll must never kill the loop.
                 log.exception("File system poll failed")
 
     def poll(self):
-        """Discovers versions once and loads/unloads to match each model's policy."""
+        """Discovers versions once, unloads retired ones and queues loads of new aspired ones
+        for the loader thread; never waits for a load."""
         with self._poll_lock:
             with self._lock:
                 models = list(self._models.values())
             for model in models:
                 if not model.active:
-                    self._unload(model, set(model.available))
+                    with self._lock:
+                        model.aspired = set()
+                        self._unload(model, set(model.available))
+                        for record in model.versions.values():
+                            if record.state == State.LOADING and record.attempts:
+                                record.state = State.END
                     continue
                 base = model.config.base_path
                 try:
@@ -328,15 +442,38 @@ class ModelManager:
                         "to name your leaf directory as a number (eg. '/1/')?",
                         model.config.name, base)
                 aspired = aspired_versions(model.config.model_version_policy, found)
-                self._unload_retired(model, aspired)
-                for version in sorted(aspired, reverse=True):
-                    record = model.versions.get(version)
-                    # Never seen, or unloaded cleanly and aspired again; failures stay failed.
-                    if record is None or (record.state == State.END and record.error_code == _OK):
-                        self._load(model, version, found[version])
-                self._unload_retired(model, aspired)
+                with self._lock:
+                    model.aspired = aspired
+                    self._unload_retired(model)
+                    for version, record in model.versions.items():
+                        if record.state == State.LOADING and record.attempts and (
+                                version not in aspired):
+                            record.state = State.END  # Stop retrying what is not aspired.
+                            log.info("Cancelled load retries of servable {name: %s version: "
+                                     "%d}", model.config.name, version)
+                            self._changed.notify_all()
+                    for version in sorted(aspired, reverse=True):
+                        record = model.versions.get(version)
+                        # Never seen, or unloaded cleanly and aspired again; failures stay
+                        # failed.
+                        if record is None or (record.state == State.END
+                                              and record.error_code == _OK):
+                            self._queue(model, version, found[version])
 
-    def _unload_retired(self, model, aspired):
+    def _queue(self, model, version, path, due=None):
+        """Records `version` as START (if new) and queues its load; call with `_lock` held."""
+        if due is None:
+            model.versions[version] = _Version()
+            due = time.monotonic()
+        self._seq += 1
+        heapq.heappush(self._tasks,
+                       (due, self._seq, model, version, path, model.versions[version]))
+        self._work.notify_all()
+        self._changed.notify_all()
+
+    def _unload_retired(self, model):
+        """Availability-preserving unload; call with `_lock` held."""
+        aspired = model.aspired
         retired = set(model.available) - aspired
         if not retired:
             return
@@ -347,47 +484,86 @@ class ModelManager:
             self._unload(model, set(sorted(retired)[:-1]))
 
     def _unload(self, model, versions):
-        for version in sorted(versions):
-            record = model.versions[version]
-            record.state = State.UNLOADING
-            with self._lock:
-                model.available = {v: s for v, s in model.available.items() if v != version}
-            record.servable = None
-            record.state = State.END
-            log.info("Unloaded servable version {name: %s version: %d}", model.config.name, version)
-
-    def _load(self, model, version, path):
-        record = _Version()
         with self._lock:
-            model.versions[version] = record
-        record.state = State.LOADING
-        name = model.config.name
-        for attempt in range(self.max_num_load_retries + 1):
-            if attempt:
-                if self._stop.wait(self.load_retry_interval_s):
-                    break
-                log.info("Retrying load of servable {name: %s version: %d}", name, version)
+            for version in sorted(versions):
+                record = model.versions[version]
+                record.state = State.UNLOADING
+                model.available = {v: s for v, s in model.available.items() if v != version}
+                record.servable = None
+                record.state = State.END
+                log.info("Unloaded servable version {name: %s version: %d}", model.config.name,
+                         version)
+            self._changed.notify_all()
+
+    def _next_task(self):
+        with self._lock:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                if self._tasks and self._tasks[0][0] <= now:
+                    return heapq.heappop(self._tasks)
+                self._work.wait(self._tasks[0][0] - now if self._tasks else None)
+        return None
+
+    def _load_loop(self):
+        while True:
+            task = self._next_task()
+            if task is None:
+                return
             try:
-                servable = Servable(name, version, path, self.tags)
-                if self.warmup is not None:
-                    self.warmup(servable)
-            except Exception as e:
-                code = getattr(e, "error_code", None)
-                if isinstance(e, ServingError):
-                    code = e.code.value[0]
-                record.error_code = code if code is not None else _UNKNOWN
-                record.error_message = getattr(e, "message", None) or str(e) or repr(e)
-                log.error("Loading servable {name: %s version: %d} failed: %s", name, version,
-                          record.error_message)
-                continue
-            record.error_code, record.error_message = _OK, ""
-            record.servable = servable
+                self._load(*task[2:])
+            except Exception:  # The loader must never die.
+                log.exception("Load task failed")
+
+    def _load(self, model, version, path, record):
+        name = model.config.name
+        with self._lock:
+            if model.versions.get(version) is not record or record.state == State.END:
+                return  # A stale retry of a version already dropped.
+            if not model.active or version not in model.aspired:
+                record.state = State.END  # No longer wanted: drop it (keeping any last error).
+                log.info("Cancelled loading servable {name: %s version: %d}", name, version)
+                self._changed.notify_all()
+                return
+            record.state = State.LOADING
+            self._changed.notify_all()
+        if record.attempts:
+            log.info("Retrying load of servable {name: %s version: %d}", name, version)
+        try:
+            servable = Servable(name, version, path, self.tags)
+            if self.warmup is not None:
+                self.warmup(servable)
+        except Exception as e:
+            code = getattr(e, "error_code", None)
+            if isinstance(e, ServingError):
+                code = e.code.value[0]
+            message = getattr(e, "message", None) or str(e) or repr(e)
+            log.error("Loading servable {name: %s version: %d} failed: %s", name, version,
+                      message)
             with self._lock:
-                model.available = {**model.available, version: servable}
-            record.state = State.AVAILABLE
-            log.info("Successfully loaded servable version {name: %s version: %d}", name, version)
+                record.error_code = code if code is not None else _UNKNOWN
+                record.error_message = message
+                record.attempts += 1
+                if record.attempts > self.max_num_load_retries or self._stop.is_set():
+                    record.state = State.END
+                else:  # LOADING with the last error until the retry runs.
+                    self._queue(model, version, path,
+                                due=time.monotonic() + self.load_retry_interval_s)
+                self._changed.notify_all()
             return
-        record.state = State.END
+        with self._lock:
+            record.error_code, record.error_message = _OK, ""
+            if not model.active or version not in model.aspired:
+                record.state = State.END  # Un-aspired while loading: never served.
+                log.info("Discarded servable version {name: %s version: %d}: no longer "
+                         "aspired", name, version)
+            else:
+                record.servable = servable
+                model.available = {**model.available, version: servable}
+                record.state = State.AVAILABLE
+                log.info("Successfully loaded servable version {name: %s version: %d}", name,
+                         version)
+                self._unload_retired(model)
+            self._changed.notify_all()
 
     # Lookups.
 

@@ -10,7 +10,10 @@ codes and messages of TF Serving 2.21 (see docs/serving.md), so one client works
 
 Departures from TF Serving: the port opens after the initial load, as upstream, but while no
 version exists yet the server polls every `--file_system_poll_wait_seconds` (at least 1 s)
-even if that flag is 0; no profiler, Prometheus endpoint, ALTS or request logging.
+even if that flag is 0; no profiler, Prometheus endpoint, ALTS or request logging. It listens
+on 127.0.0.1 unless `--bind_address` says otherwise (TF Serving: all interfaces), a reload
+waits at most `--reload_config_timeout_seconds`, and SIGTERM drains for at most
+`--shutdown_grace_seconds`, then closes what is left and exits 0.
 """
 
 import argparse
@@ -105,9 +108,13 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
         return _inference.get_model_status(self.manager, request)
 
     def HandleReloadConfigRequest(self, request, context):  # noqa: N802
+        """Validates, applies, then waits (bounded by the client's deadline and
+        `--reload_config_timeout_seconds`) for the new models; loading runs on the manager's
+        threads and a second concurrent reload answers ABORTED, so reloads cannot tie up the
+        gRPC worker pool."""
         response = model_management_pb2.ReloadConfigResponse()
         try:
-            self.manager.reload_config(request.config)
+            self.manager.reload_config(request.config, timeout=context.time_remaining())
         except ServingError as e:
             response.status.error_code = e.code.value[0]
             response.status.error_message = e.message
@@ -172,6 +179,22 @@ def parse_channel_arguments(text):
     return options
 
 
+def _host_port(host, port):
+    """`host:port`, with an IPv6 host in brackets, as gRPC and URLs spell it."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+def _is_loopback(host):
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def build_config(args):
     """The `ModelServerConfig` from `--model_config_file`, or from the single-model flags."""
     if args.model_config_file:
@@ -213,10 +236,12 @@ class ModelServer:
             warmup=(make_warmup(self.runner, args.num_request_iterations_for_warmup)
                     if args.enable_model_warmup else None),
             allow_labels_for_unavailable=args.allow_version_labels_for_unavailable_models,
+            reload_timeout_s=args.reload_config_timeout_seconds,
         )
         self.ssl_config = (_textproto.parse_file(args.ssl_config_file, _textproto.SSLConfig)
                            if args.ssl_config_file else None)
         self.grpc_server = self.http_server = self._http_thread = None
+        self.addresses = []  # what the listeners really bound, as logged
         self._config_thread = None
         self._stopped = threading.Event()
 
@@ -250,26 +275,40 @@ class ModelServer:
                 require_client_auth=ssl.client_verify)
         addresses = []
         if args.port:
-            addresses.append(f"{args.bind_address}:{args.port}")
+            addresses.append(_host_port(args.bind_address, args.port))
         if args.grpc_socket_path:
             addresses.append(f"unix:{args.grpc_socket_path}")
+        bound_addresses = []
         for address in addresses:
             bound = (self.grpc_server.add_secure_port(address, credentials) if credentials
                      else self.grpc_server.add_insecure_port(address))
             if not bound:
                 raise ServingError(grpc.StatusCode.UNAVAILABLE, f"Failed to bind {address}")
+            bound_addresses.append(address if address.startswith("unix:")
+                                   else _host_port(args.bind_address, bound))
         self.grpc_server.start()
-        for address in addresses:
+        for address in bound_addresses:
             log.info("Running gRPC ModelServer at %s ...", address)
+        self.addresses = list(bound_addresses)
+        if args.port and not _is_loopback(args.bind_address) and not (
+                self.ssl_config is not None and self.ssl_config.client_verify):
+            log.warning(
+                "Listening on %s without TLS client verification: any client that can reach "
+                "it may call ModelService/HandleReloadConfigRequest and replace the served "
+                "models (see docs/serving.md)", args.bind_address)
         if args.rest_api_port:
             from serving._rest import RestApi, make_http_server
 
             api = RestApi(self.manager, self.runner, args.rest_api_timeout_in_ms / 1000)
+            # Daemon handler threads; server_close() closes idle and half-read connections.
             self.http_server = make_http_server(api, args.bind_address, args.rest_api_port)
             self._http_thread = threading.Thread(target=self.http_server.serve_forever,
                                                  name="rest", daemon=True)
             self._http_thread.start()
-            log.info("Exporting HTTP/REST API at:localhost:%d ...", args.rest_api_port)
+            host, port = self.http_server.server_address[:2]
+            rest_address = _host_port(host, port)
+            log.info("Exporting HTTP/REST API at:%s ...", rest_address)
+            self.addresses.append(f"http://{rest_address}")
         if args.model_config_file and args.model_config_file_poll_wait_seconds > 0:
             self._config_thread = threading.Thread(target=self._poll_config, daemon=True)
             self._config_thread.start()
@@ -281,18 +320,33 @@ class ModelServer:
             except (ServingError, _textproto.ConfigParseError, OSError) as e:
                 log.error("Failed to reload the model config: %s", e)
 
-    def stop(self, grace=30.0):
-        """Refuses new requests, waits up to `grace` seconds for in-flight ones, stops."""
+    def stop(self, grace=10.0):
+        """Stops accepting at once, drains in-flight gRPC and REST requests for at most
+        `grace` seconds, then cancels what is left, closes idle and slow REST connections
+        (keep-alive, half-sent bodies) and stops the batcher and the manager; returns within
+        about `grace` + 2 seconds."""
+        deadline = time.monotonic() + max(grace, 0)
         self._stopped.set()
+        self.manager.stop(timeout=0)  # Ends load retries and reloads waiting for models.
         if self.http_server is not None:
-            self.http_server.shutdown()
-        if self.grpc_server is not None:
-            self.grpc_server.stop(grace).wait()
+            self.http_server.shutdown()  # serve_forever returns within its 0.5 s poll.
+        grpc_done = None
+        if self.grpc_server is not None:  # Refuses new RPCs now, cancels the rest at deadline.
+            grpc_done = self.grpc_server.stop(max(deadline - time.monotonic(), 0))
         if self.http_server is not None:
-            self.http_server.server_close()  # Joins the request threads still running.
+            # serving._rest's server_close(): closes the listening socket and idle or half-read
+            # connections at once, waits up to close_timeout_s for requests being answered,
+            # then shuts the rest down. Its handler threads are daemons: nothing is joined.
+            self.http_server.close_timeout_s = max(deadline - time.monotonic(), 0)
+            self.http_server.server_close()
+        if grpc_done is not None:
+            grpc_done.wait(max(deadline - time.monotonic(), 0) + 1.0)
         if self.batcher is not None:
-            self.batcher.stop()
-        self.manager.stop()
+            thread = threading.Thread(target=self.batcher.stop, name="batcher-stop",
+                                      daemon=True)
+            thread.start()
+            thread.join(max(deadline - time.monotonic(), 0.5))
+        self.manager.stop(timeout=0.5)
 
 
 def _bool(text):
@@ -320,7 +374,9 @@ def build_parser():
     flag("--grpc_socket_path", "", str, "also serve gRPC on unix:<path>")
     flag("--rest_api_port", 0, int, "REST port; 0 disables REST")
     flag("--rest_api_timeout_in_ms", 30000, int)
-    flag("--bind_address", "0.0.0.0", str, "interface to listen on (stand-in only)")
+    flag("--bind_address", "127.0.0.1", str,
+         "address the gRPC and REST ports listen on (stand-in only; TF Serving binds all "
+         "interfaces): 0.0.0.0 or :: to accept remote clients, e.g. in a container")
     flag("--model_name", "default", str)
     flag("--model_base_path", "", str)
     flag("--model_config_file", "", str, "text ModelServerConfig; overrides the two above")
@@ -339,7 +395,11 @@ def build_parser():
     flag("--enable_signature_method_name_check", False, bool)
     flag("--enable_grpc_healthcheck_service", False, bool)
     flag("--allow_version_labels_for_unavailable_models", False, bool)
-    flag("--shutdown_grace_seconds", 30.0, float, "how long SIGTERM waits for in-flight work")
+    flag("--shutdown_grace_seconds", 10.0, float,
+         "how long SIGTERM waits for in-flight requests before cancelling them (stand-in only)")
+    flag("--reload_config_timeout_seconds", 60.0, float,
+         "most a HandleReloadConfigRequest waits for its models (stand-in only; the client's "
+         "deadline can shorten it)")
     parser.add_argument("--version", action="store_true", help="print versions and exit")
     return parser
 
@@ -366,7 +426,7 @@ def main(argv=None):
     def on_signal(*_):
         stop.set()
         if server is not None:
-            server.manager.stop()  # Ends a start() still waiting for the first versions.
+            server.manager.stop(timeout=0)  # Ends a start() still waiting for versions.
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
@@ -379,11 +439,29 @@ def main(argv=None):
     except (ServingError, _textproto.ConfigParseError, ValueError, OSError) as e:
         print(f"Failed to start server. Error: {e}", file=sys.stderr)
         return 255
-    while not stop.wait(1.0):
+    while not stop.wait(0.25):
         pass
-    log.info("Shutting down: draining in-flight requests")
+    log.info("Shutting down: draining in-flight requests for at most %.1f s",
+             args.shutdown_grace_seconds)
     server.stop(args.shutdown_grace_seconds)
+    log.info("Server stopped")
+    _exit_soon(0, 2.0)
     return 0
+
+
+def _exit_soon(code, delay):
+    """Exits with `code` after `delay` seconds if interpreter shutdown is still waiting for
+    non-daemon threads then (a gRPC handler cancelled after the grace period but still
+    running, for instance), so SIGTERM always ends the process in bounded time."""
+
+    def force():
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(code)
+
+    timer = threading.Timer(delay, force)
+    timer.daemon = True
+    timer.start()
 
 
 if __name__ == "__main__":
