@@ -286,8 +286,31 @@ class AlexNet(keras.Model):
         self.tower_devices = tower_devices
 
     def call(self, inputs, training=None, mask=None, **kwargs):
+        """Logits ``[batch, num_classes]``; outside training an empty batch returns
+        ``[0, num_classes]`` without running the network.
+
+        The guard is a TensorFlow workaround, not a shortcut: with oneDNN on (the
+        default on AVX-512 CPUs), TensorFlow 2.21's CPU ``Conv2D`` kernel given a
+        zero-sized batch returns a tensor of its *input's* shape, so the next
+        convolution fails ("input depth must be evenly divisible by filter depth:
+        3 vs 6" at conv2). ``MirroredStrategy`` hands a replica an empty batch
+        whenever the last global batch is smaller than the replica count, or cannot
+        be rebatched evenly (a TFDS split of 100 images in batches of 32 ends in
+        ``[4, 0]``). Training steps skip the guard: their batches are whole (the
+        training pipelines drop the remainder), and a ``tf.cond`` around the network
+        costs about 10 % of a training step's CPU time (measured, full model, batch
+        32); an inference call pays nothing measurable. See docs/scale.md.
+        """
         with _device_scope(self.tower_devices[0] if self.tower_devices else None):
-            return super().call(inputs, training=training, mask=mask, **kwargs)
+            if training:  # training batches are never empty (the pipelines drop remainders)
+                return super().call(inputs, training=training, mask=mask, **kwargs)
+            return tf.cond(
+                tf.shape(inputs)[0] > 0,
+                lambda: super(AlexNet, self).call(inputs, training=training, mask=mask,
+                                                  **kwargs),
+                # fc8 computes in float32 whatever the dtype policy (see the builder).
+                lambda: tf.zeros([0, self.num_classes], tf.float32),
+            )
 
     def get_config(self):
         return {

@@ -182,3 +182,34 @@ def test_paper_sgd_step_matches_hand_computed_update(wd):
         tolerance = 1e-3 * update + 2 * np.finfo(np.float32).eps * np.abs(start).max()
         assert np.abs(got - want).max() <= tolerance, var.path
 
+
+
+EMPTY_BATCH_SCRIPT = """
+import json, os
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np, tensorflow as tf
+from keras_alexnet import alexnet
+model = alexnet(num_classes=10, image_size=67, width=0.125, seed=0, input_scale=1 / 64)
+x = np.random.default_rng(0).normal(size=(3, 67, 67, 3)).astype("float32")
+graph_call = tf.function(lambda t: model(t, training=False))
+out = {
+    "eager_empty": list(model(tf.zeros([0, 67, 67, 3]), training=False).shape),
+    "graph_empty": list(graph_call(tf.zeros([0, 67, 67, 3])).shape),
+    "predict_empty": list(model.predict_on_batch(np.zeros([0, 67, 67, 3], "float32")).shape),
+    "graph_vs_eager": float(np.abs(graph_call(x).numpy() - model(x).numpy()).max()),
+    "onednn": os.environ["TF_ENABLE_ONEDNN_OPTS"],
+}
+print("RESULT" + json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("onednn", ["0", "1"])
+def test_empty_batch_gives_empty_logits_under_both_kernel_settings(onednn):
+    # With oneDNN on, TensorFlow's Conv2D returns its input's shape for a zero-sized
+    # batch; the model must answer [0, classes] instead of failing at conv2.
+    from _subprocess import run_script
+
+    out = run_script(EMPTY_BATCH_SCRIPT, onednn=onednn, timeout=120)
+    assert out["onednn"] == onednn
+    assert out["eager_empty"] == out["graph_empty"] == out["predict_empty"] == [0, 10]
+    assert out["graph_vs_eager"] <= 1e-5

@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+from _subprocess import ONEDNN_SETTINGS
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -35,13 +36,18 @@ def free_ports(count):
     return ports
 
 
-def launch_cluster(argv, workers=2, timeout=300):
-    """Runs ``workers`` processes of ``train.main(argv)``; returns their summaries/logs."""
+def launch_cluster(argv, workers=2, timeout=300, onednn=None):
+    """Runs ``workers`` processes of ``train.main(argv)``; returns their summaries/logs.
+
+    ``onednn`` ("0"/"1") sets ``TF_ENABLE_ONEDNN_OPTS`` for the workers.
+    """
     hosts = [f"127.0.0.1:{port}" for port in free_ports(workers)]
     procs = []
     for index in range(workers):
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_CONFIG": json.dumps(
             {"cluster": {"worker": hosts}, "task": {"type": "worker", "index": index}})}
+        if onednn is not None:
+            env["TF_ENABLE_ONEDNN_OPTS"] = onednn
         procs.append(subprocess.Popen(
             [sys.executable, "-c", WORKER, *argv], cwd=REPO, env=env,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
@@ -59,15 +65,15 @@ def launch_cluster(argv, workers=2, timeout=300):
     return results
 
 
-@pytest.fixture(scope="module")
-def cluster_runs(shapes_data_dir, tmp_path_factory):
+@pytest.fixture(scope="module", params=ONEDNN_SETTINGS, ids=lambda v: f"onednn{v}")
+def cluster_runs(shapes_data_dir, tmp_path_factory, request):
     base = tmp_path_factory.mktemp("multiworker")
     argv = ["--preset", "smoke", "--data-dir", shapes_data_dir, "--strategy", "multiworker",
             "--run-dir", str(base / "run"), "--export-dir", str(base / "models"), "--quiet"]
-    first = launch_cluster(argv + ["--epochs", "1"])
+    first = launch_cluster(argv + ["--epochs", "1"], onednn=request.param)
     snapshot = sorted(p.name for p in (base / "run").iterdir())
     # A restarted cluster with one more epoch (no export this time: it costs seconds).
-    second = launch_cluster(argv + ["--epochs", "2", "--no-export"])
+    second = launch_cluster(argv + ["--epochs", "2", "--no-export"], onednn=request.param)
     return base, first, snapshot, second
 
 

@@ -9,7 +9,7 @@ import re
 import textwrap
 
 import pytest
-from _subprocess import run_script
+from _subprocess import ONEDNN_SETTINGS, run_script
 
 from keras_alexnet import AlexNet, alexnet
 
@@ -65,10 +65,10 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(scope="module")
-def placement(shapes_data_dir, tmp_path_factory):
+@pytest.fixture(scope="module", params=ONEDNN_SETTINGS, ids=lambda v: f"onednn{v}")
+def placement(shapes_data_dir, tmp_path_factory, request):
     base = tmp_path_factory.mktemp("towers")
-    return run_script(SCRIPT, shapes_data_dir, base)
+    return run_script(SCRIPT, shapes_data_dir, base, onednn=request.param)
 
 
 def _tower(name):
