@@ -7,9 +7,13 @@ Routes, JSON tensor formats and error mapping follow `http_rest_api_handler.cc` 
 Hardening (TF Serving's libevent server has no such limits; these are this server's, each a
 keyword of `make_http_server` / `json_to_array` / `RestApi`):
 
-* `DEFAULT_MAX_BODY_BYTES` = 64 MiB request body. The gRPC side sets no receive limit
+* `DEFAULT_MAX_BODY_BYTES` = 32 MiB request body. The gRPC side sets no receive limit
   (`grpc.max_receive_message_length` = -1, as TF Serving's INT32_MAX), so REST gets its own
-  cap: a larger `Content-Length` is answered 413 before any of the body is read.
+  cap: a larger `Content-Length` is answered 413 before any of the body is read. Python's JSON
+  parser holds 4x (small ints) to 24x (`[],[],...`) the body in objects, 14x for pixel rows
+  `[0.5,0.5,0.5],`, so one request's transient memory stays under about 26 x 32 MiB = 832 MiB
+  (body, its text and the parsed value); 32 MiB carries about 20 float32 227x227 images as JSON
+  numbers, or a few hundred base64 JPEGs.
 * `Content-Length` must be one decimal integer (else 400); a POST without one (including
   chunked uploads, which are not supported) gets 411; a body shorter than declared gets 400
   when the client closes, 408 when the read time runs out. These errors close the connection.
@@ -23,6 +27,9 @@ keyword of `make_http_server` / `json_to_array` / `RestApi`):
 * Methods other than GET and POST get 405 with `{"error": "Malformed request: <M> <path>"}` and
   `Allow: GET, POST` (TF Serving answers PUT/DELETE with 400 and that message), and every error
   the HTTP layer itself sends (bad request line, headers too large, ...) is JSON too.
+* At most `max_concurrent_requests` (default 4 x CPUs, like `--rest_api_num_threads`) requests
+  are decoded and run at once, so REST's transient memory is bounded by about
+  max_concurrent_requests x 26 x max_body_bytes (bodies still being received add 1x each).
 * Handler threads are daemon threads; `server_close()` (after `shutdown()`) closes idle and
   half-read connections at once, waits up to `close_timeout_s` (5 s) for requests being
   answered, then shuts down whatever is left.
@@ -33,6 +40,7 @@ import io
 import json
 import logging
 import math
+import os
 import re
 import socket
 import threading
@@ -70,7 +78,7 @@ from serving._tensors import (
 
 log = logging.getLogger("serving")
 
-DEFAULT_MAX_BODY_BYTES = 64 << 20
+DEFAULT_MAX_BODY_BYTES = 32 << 20
 DEFAULT_READ_TIMEOUT_S = 30.0
 DEFAULT_CLOSE_TIMEOUT_S = 5.0
 MAX_JSON_DEPTH = 1000  # what `json.loads` reaches before RecursionError (sys.getrecursionlimit)
@@ -222,32 +230,63 @@ def json_to_array(value, dtype, max_elements=DEFAULT_MAX_ELEMENTS,
                      max_elements, max_strings)
     except TensorLimitError as e:
         raise ServingError(_INVALID, f"JSON tensor too large: {e}") from None
-    flat = []
-    # Iterative walk (rank <= MAX_RANK): (list, depth, next index).
-    stack = [(value, 0)] if shape else []
+    # The output is allocated once and filled row by row (no list of all the scalars).
+    out = np.empty(n, dtype=object if dtype == types_pb2.DT_STRING else numpy_dtype(dtype))
     if not shape:
         if isinstance(value, list):
             raise ServingError(_INVALID, f"Expecting a scalar but got: {_snippet(value)}")
-        flat.append(_scalar(value, dtype))
-    while stack:
-        v, depth = stack.pop()
-        if not isinstance(v, list) or len(v) != shape[depth]:
-            raise ServingError(_INVALID, "Expecting tensor size: "
-                                         f"{shape[depth]} but got: {_snippet(v)}")
-        if depth + 1 < len(shape):
-            stack.extend((item, depth + 1) for item in reversed(v))
-        else:
-            for item in v:
-                if isinstance(item, list):
-                    raise ServingError(_INVALID,
-                                       f"Expecting a scalar but got: {_snippet(item)}")
-                flat.append(_scalar(item, dtype))
-    if dtype == types_pb2.DT_STRING:
-        array = np.empty(len(flat), dtype=object)
-        array[:] = flat
-        return array.reshape(shape)
+        out[0] = _scalar(value, dtype)
+        return out.reshape(shape)
+    filled = 0
     with np.errstate(over="ignore", invalid="ignore"):  # 1e39 as float32 is inf, as in TF
-        return np.array(flat, dtype=numpy_dtype(dtype)).reshape(shape)
+        # Depth-first over a stack of iterators, one per level: O(rank) extra memory.
+        stack, item = [], value
+        while True:
+            depth = len(stack)
+            if not isinstance(item, list) or len(item) != shape[depth]:
+                raise ServingError(_INVALID, "Expecting tensor size: "
+                                             f"{shape[depth]} but got: {_snippet(item)}")
+            if depth + 1 < len(shape):
+                stack.append(iter(item))
+            else:
+                _fill(out, filled, item, dtype)
+                filled += len(item)
+            while stack:
+                item = next(stack[-1], _END)
+                if item is not _END:
+                    break
+                stack.pop()
+            else:
+                break
+    return out.reshape(shape)
+
+
+_CHUNK = 1 << 16
+_END = object()
+_FAST_TYPES = {types_pb2.DT_BOOL: (bool,), types_pb2.DT_FLOAT: (float, int),
+               types_pb2.DT_DOUBLE: (float, int), types_pb2.DT_HALF: (float, int)}
+_FAST_TYPES.update({k: (int,) for k in _INT_RANGES})
+
+
+def _fill(out, start, items, dtype):
+    """Writes the JSON scalars `items` into `out[start:]` in bounded chunks: a plain
+    all-numbers chunk is assigned by NumPy, anything else goes through `_scalar` (which raises
+    TF Serving's type errors)."""
+    fast = _FAST_TYPES.get(dtype, ())
+    for i in range(0, len(items), _CHUNK):
+        chunk = items[i:i + _CHUNK]
+        if fast and all(type(x) in fast for x in chunk):
+            try:
+                out[start + i:start + i + len(chunk)] = chunk
+                continue
+            except (OverflowError, ValueError, TypeError):
+                pass  # out of range: let _scalar name the value
+        converted = []
+        for item in chunk:
+            if isinstance(item, list):
+                raise ServingError(_INVALID, f"Expecting a scalar but got: {_snippet(item)}")
+            converted.append(_scalar(item, dtype))
+        out[start + i:start + i + len(converted)] = converted
 
 
 def _content_proto(array, dtype):
@@ -466,9 +505,14 @@ class RestApi:
             strings += array.size if array.dtype == object else 0
             predict.inputs[alias].CopyFrom(_content_proto(array, dtype))
             del array
+            columns[alias] = None  # let the parsed JSON go before the model runs
+        instances = "instances" in request
+        request.pop("instances", None)
+        request.pop("inputs", None)
+        value = rows = None  # noqa: F841
         response = self.runner.predict(_inference.Pinned(servable), predict, deadline)
         outputs = {alias: to_ndarray(t, None, None) for alias, t in response.outputs.items()}
-        if "instances" in request:
+        if instances:
             batch = {a.shape[0] if a.ndim else None for a in outputs.values()}
             if len(batch) != 1 or None in batch:
                 name = sorted(outputs)[0]
@@ -597,7 +641,7 @@ class RestHTTPServer(ThreadingHTTPServer):
 
 def make_http_server(api, host, port, *, max_body_bytes=DEFAULT_MAX_BODY_BYTES,
                      read_timeout_s=DEFAULT_READ_TIMEOUT_S,
-                     close_timeout_s=DEFAULT_CLOSE_TIMEOUT_S):
+                     close_timeout_s=DEFAULT_CLOSE_TIMEOUT_S, max_concurrent_requests=None):
     """Returns a `RestHTTPServer` serving `api`; `serve_forever()` it in a thread.
 
     Args:
@@ -607,7 +651,13 @@ def make_http_server(api, host, port, *, max_body_bytes=DEFAULT_MAX_BODY_BYTES,
         read_timeout_s: bound on the idle wait for a request, and separately on receiving one
             request's headers and body (None = no bound).
         close_timeout_s: how long `server_close()` waits for requests being answered.
+        max_concurrent_requests: how many requests are decoded and run at once (others wait,
+            their bodies already read); default 4 x CPUs, as TF Serving's
+            `--rest_api_num_threads`. JSON decoding holds several times the body in memory.
     """
+    if max_concurrent_requests is None:
+        max_concurrent_requests = 4 * (os.cpu_count() or 1)
+    running = threading.BoundedSemaphore(max_concurrent_requests)
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -727,10 +777,14 @@ def make_http_server(api, host, port, *, max_body_bytes=DEFAULT_MAX_BODY_BYTES,
             data = self._read_body(length) if length else b""
             if data is None:
                 return
-            body = data.decode("utf-8", "replace")
-            del data
+            while not running.acquire(timeout=0.1):
+                if self.server.closing:
+                    self.close_connection = True
+                    return
             self.state.busy = True
             try:
+                body = data.decode("utf-8", "replace")
+                del data
                 status, payload = api.handle(method, self.path, body)
                 del body
                 if self.server.closing:
@@ -738,6 +792,7 @@ def make_http_server(api, host, port, *, max_body_bytes=DEFAULT_MAX_BODY_BYTES,
                 self._send_json(status, payload)
             finally:
                 self.state.busy = False
+                running.release()
 
         def do_GET(self):  # noqa: N802
             self._answer("GET")

@@ -167,8 +167,8 @@ def test_body_over_the_limit_is_413_before_it_is_read(http):
     assert status == 200 and json.loads(body)["body_len"] == MAX_BODY
 
 
-def test_default_body_limit_is_64_mib():
-    assert DEFAULT_MAX_BODY_BYTES == 64 * 1024 * 1024
+def test_default_body_limit_is_32_mib():
+    assert DEFAULT_MAX_BODY_BYTES == 32 * 1024 * 1024
 
 
 def test_truncated_body_is_400_when_the_client_stops_sending(http):
@@ -272,6 +272,28 @@ def test_deep_json_is_400_not_500():
         assert status == 400 and payload["error"], payload
     status, payload = api.handle("POST", "/v1/models/m:predict", "[" * 100000)
     assert "nested too deeply" in payload["error"]
+
+
+def test_max_concurrent_requests_queues_the_rest():
+    api = _EchoApi()
+    server = make_http_server(api, "127.0.0.1", 0, read_timeout_s=5, max_concurrent_requests=1)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        with _connect(server) as slow, _connect(server) as fast:
+            slow.sendall(b"POST /slow HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+            assert api.started.wait(5)
+            fast.sendall(b"POST /fast HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+            fast.settimeout(0.5)
+            with pytest.raises(TimeoutError):  # waits for the one running request
+                fast.recv(1)
+            api.release.set()
+            assert _read_response(slow)[0] == 200 and _read_response(fast)[0] == 200
+    finally:
+        api.release.set()
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
 
 
 def test_handler_threads_are_daemons(http):
