@@ -309,7 +309,15 @@ def test_dockerfile_serving_and_training_targets():
     assert "ENTRYPOINT" not in serving
     assert re.search(r"(?m)^USER (?!root|0)\S+", serving)
     assert "MODEL_NAME=alexnet" in serving and "EXPOSE 8500 8501" in serving
-    assert "COPY models/alexnet /models/alexnet" in serving
+    # The model files must be readable by the serving user, never writable by it.
+    copy = re.search(r"(?m)^COPY ((?:--\S+ )*)models/alexnet /models/alexnet$", serving)
+    assert copy, "the serving stage copies models/alexnet to /models/alexnet"
+    user = re.search(r"(?m)^USER (\d+):(\d+)", serving).groups()
+    flags = dict(f.lstrip("-").split("=", 1) for f in copy.group(1).split())
+    owner, group = flags["chown"].split(":")
+    assert owner in ("root", "0") and group == user[1]
+    mode = int(flags["chmod"], 8)
+    assert mode & 0o040 and mode & 0o010 and not mode & 0o022  # group r-x, nobody else writes
     copied = re.search(r"COPY (serving/\S+) (serving/\S+) /config/", serving).groups()
     for name in copied:
         assert f"/config/{name.split('/')[-1]}" in serving
