@@ -36,8 +36,7 @@ import time
 import keras
 import tensorflow as tf
 
-from keras_alexnet import distribute, export, input_pipeline, trainer
-from keras_alexnet.config import TrainConfig
+from keras_alexnet import distribute, input_pipeline, trainer
 
 HISTORY_FIELDS = ["epoch", "loss", "lr", "top1", "top5", "val_loss", "val_top1", "val_top5"]
 
@@ -147,33 +146,36 @@ def _averages(sums, prefix=""):
 
 
 def run(config, run_dir, export_dir, strategy, *, verbose=1, do_export=True,
-        steps_per_epoch=None):
+        steps_per_epoch=None, force_export=False):
     """Trains (or resumes) ``run_dir`` under ``strategy``; the chief exports.
 
     Returns the same summary as `keras_alexnet.trainer.run` (``export_path`` is
-    ``None`` on workers other than the chief).
+    ``None`` on workers other than the chief). The same checks come first, before
+    anything is written, and a non-finite epoch loss raises
+    `keras_alexnet.trainer.NonFiniteLossError` on every worker (the reduced sums are
+    the same everywhere) before that epoch is checkpointed or logged.
     """
     start = time.time()
     chief = distribute.is_chief()
     run_dir = pathlib.Path(run_dir)
     backup_dir = run_dir / "backup"
-    if chief:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config_path = run_dir / "config.json"
-        if config_path.exists():
-            trainer.check_resumable(
-                TrainConfig.from_dict(json.loads(config_path.read_text())), config)
-        trainer.write_atomic(config_path, config.to_json())
+    trainer.read_run(run_dir, config)  # refuses a mismatch before anything is written
     keras.utils.set_random_seed(config.seed)
 
     replicas = strategy.num_replicas_in_sync
     global_batch = config.batch_size * replicas
     source, mean = trainer.load_data(config)
+    trainer.check_source(source)
     steps = steps_per_epoch or source.num_train // global_batch
     if steps < 1:
         raise ValueError(f"The global batch ({global_batch}) is larger than the training "
                          f"set ({source.num_train} images). Received: batch_size="
                          f"{config.batch_size}, replicas={replicas}")
+    if chief:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for path in trainer.remove_leftovers(run_dir, export_dir if do_export else None):
+            print(f"Removed {path}, left by an interrupted run.")
+        trainer.write_atomic(run_dir / "config.json", config.to_json())
     train_ds, val_ds, eval_steps = distributed_datasets(strategy, source, config, mean,
                                                         global_batch)
 
@@ -196,6 +198,8 @@ def run(config, run_dir, export_dir, strategy, *, verbose=1, do_export=True,
             schedule.set_state(json.loads(state_path.read_text())["schedule"])
         print(f"Resuming {run_dir} from {pathlib.Path(latest).name} "
               f"(epoch {int(epoch_var.numpy())}).")
+    if chief:  # rows of epochs after the restored checkpoint are written again
+        trainer.truncate_history(run_dir / "history.csv", int(epoch_var.numpy()))
     manager = tf.train.CheckpointManager(
         checkpoint, distribute.write_dir(backup_dir, chief), max_to_keep=config.keep_checkpoints)
 
@@ -215,11 +219,17 @@ def run(config, run_dir, export_dir, strategy, *, verbose=1, do_export=True,
         for _ in range(steps):
             total += train_step(next(iterator))
         logs = {"epoch": epoch, **_averages(total.numpy()), **evaluate()}
+        for name in ("loss", "val_loss"):
+            if not math.isfinite(logs[name]):
+                raise trainer.NonFiniteLossError(trainer.non_finite_message(
+                    f"Epoch {epoch + 1}", name.replace("val_", "validation "), logs[name],
+                    run_dir, config))
         schedule.on_epoch_end(epoch, logs)  # adds "lr" and may divide it by 10
         epoch_var.assign(epoch + 1)
+        if chief:  # logged before the checkpoint: a kill in between is truncated on resume
+            _append_history(run_dir / "history.csv", logs)
         manager.save(checkpoint_number=epoch + 1)
         if chief:
-            _append_history(run_dir / "history.csv", logs)
             state = {"epoch": epoch + 1, "checkpoint": f"ckpt-{epoch + 1}",
                      "schedule": schedule.get_state()}
             trainer.write_atomic(run_dir / "state.json", json.dumps(state, indent=1))
@@ -233,11 +243,19 @@ def run(config, run_dir, export_dir, strategy, *, verbose=1, do_export=True,
     summary = {"val_loss": final["val_loss"], "val_top1": final["val_top1"],
                "val_top5": final["val_top5"], "epochs": config.epochs, "export_path": None,
                "weights_sha256": weights_digest(model)}
+    summary["previous_export"] = None
     if do_export and chief:
-        path = export.export_saved_model(trainer.inference_copy(model), export_dir,
-                                         source.display_names, mean=mean)
-        summary["export_path"] = str(path)
-        trainer.write_atomic(run_dir / "export.json", json.dumps({"path": str(path)}))
+        summary["previous_export"] = previous = (
+            None if force_export else trainer.previous_export(run_dir, export_dir,
+                                                              config.epochs))
+        if previous is not None:
+            summary["previous_export"] = str(previous)
+            print(f"{run_dir} exported epoch {config.epochs} already, to {previous}; nothing "
+                  "new exported (force_export=True, or --force-export, exports it again).")
+        else:
+            path = trainer.export_once(trainer.inference_copy(model), run_dir, export_dir,
+                                       source.display_names, mean, config.epochs)
+            summary["export_path"] = str(path)
     summary["seconds"] = time.time() - start
     return summary
 

@@ -10,10 +10,11 @@ Class names are the folder names, sorted; labels are their indices. Images may s
 nested folders below a class folder. Accepted: ``.jpg .jpeg .png .gif .bmp`` in any
 letter case, names with spaces. Every listed file is decoded once, in parallel, with
 the same decoder training uses (`preprocessing.decode_image`: grayscale, CMYK, RGBA and
-PNG bytes under a ``.JPEG`` name all become RGB); files that fail are left out and
-reported in one warning with their count and a few names. The result of that check
-is cached (keyed by the paths, sizes and modification times), so later runs start at
-once. Only file paths are held in memory; images are read from disk as they are used.
+PNG bytes under a ``.JPEG`` name all become RGB); files that fail (and files that cannot
+be read: dangling symlinks, no read permission) are left out and reported in one
+warning with their count and a few names. The result of that check is cached (keyed by
+the paths, sizes, modification times, modes and readability), so later runs start at
+once and a file that becomes readable is checked again. Only file paths are held in memory; images are read from disk as they are used.
 """
 
 import hashlib
@@ -57,11 +58,30 @@ def list_class_folder(root):
 
 
 def _fingerprint(paths):
+    """A key that changes when any file changes: its size, modification time, mode and
+    whether this process can read it (a dangling symlink, a file this user may not read,
+    or one fixed since, with `os.chmod` or a new link target, gets a new key)."""
     digest = hashlib.sha1()
     for path in paths:
-        stat = os.stat(path)
-        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        try:
+            st = os.stat(path)
+            entry = f"{st.st_size}\0{st.st_mtime_ns}\0{st.st_mode:o}\0{os.access(path, os.R_OK)}"
+        except OSError as error:  # dangling symlink, unreadable directory, ...
+            entry = f"unreadable {error.errno}"
+        digest.update(f"{path}\0{entry}\n".encode())
     return digest.hexdigest()[:16]
+
+
+def _unreadable(paths):
+    """The subset of ``paths`` this process cannot open for reading."""
+    bad = []
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                f.read(1)
+        except OSError:
+            bad.append(path)
+    return bad
 
 
 def find_undecodable(paths):
@@ -74,7 +94,11 @@ def find_undecodable(paths):
 
     if not paths:
         return []
-    ds = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), list(paths)))
+    unreadable = set(_unreadable(paths))  # read errors would not all be "ignored" errors
+    readable = [p for p in paths if p not in unreadable]
+    if not readable:
+        return list(paths)
+    ds = tf.data.Dataset.from_tensor_slices((np.arange(len(readable)), readable))
 
     def decode(index, path):
         image = preprocessing.decode_image(tf.io.read_file(path))
@@ -83,10 +107,11 @@ def find_undecodable(paths):
 
     ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
     ds = ds.ignore_errors().batch(1024)
-    good = np.zeros(len(paths), bool)
+    good = np.zeros(len(readable), bool)
     for indices in ds.as_numpy_iterator():
         good[indices] = True
-    return [p for p, ok in zip(paths, good) if not ok]
+    bad = unreadable | {p for p, ok in zip(readable, good) if not ok}
+    return [p for p in paths if p in bad]
 
 
 def _cache_dir(data_dir):
@@ -111,7 +136,7 @@ def checked_files(paths, data_dir=None):
         bad = find_undecodable(paths)
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(".tmp")
+            tmp = cache.with_name(f".{cache.stem}.{os.getpid()}.tmp")
             tmp.write_text(json.dumps({"files": len(paths), "undecodable": bad}))
             os.replace(tmp, cache)
         except OSError:
@@ -126,8 +151,9 @@ def _warn_undecodable(bad, root):
     shown = ", ".join(repr(os.path.relpath(p, root)) for p in bad[:SHOWN_NAMES])
     more = f" and {len(bad) - SHOWN_NAMES} more" if len(bad) > SHOWN_NAMES else ""
     warnings.warn(
-        f"Skipped {len(bad)} file(s) under {root} that could not be decoded as JPEG, PNG, "
-        f"GIF or BMP images: {shown}{more}.",
+        f"Skipped {len(bad)} file(s) under {root} that could not be read or decoded as "
+        f"JPEG, PNG, GIF or BMP images (unreadable, dangling symlinks, corrupt): "
+        f"{shown}{more}.",
         UndecodableImagesWarning,
         stacklevel=3,
     )
