@@ -39,6 +39,8 @@ from serving import _inference, _textproto
 from serving._batching import Batcher, BatchingOptions
 from serving._errors import ServingError
 from serving._manager import ModelManager, validate_config
+from serving._rest import DEFAULT_MAX_BODY_BYTES
+from serving._tensors import DEFAULT_MAX_ELEMENTS, DEFAULT_MAX_STRINGS
 
 log = logging.getLogger("serving")
 
@@ -219,7 +221,9 @@ class ModelServer:
         validate_config(config)
         self.batcher = None
         self.runner = _inference.Runner(
-            enable_signature_method_name_check=args.enable_signature_method_name_check)
+            enable_signature_method_name_check=args.enable_signature_method_name_check,
+            max_request_elements=args.max_request_elements,
+            max_request_strings=args.max_request_strings)
         if args.enable_batching:
             params = (_textproto.parse_file(args.batching_parameters_file,
                                             _textproto.BatchingParameters)
@@ -299,9 +303,14 @@ class ModelServer:
         if args.rest_api_port:
             from serving._rest import RestApi, make_http_server
 
-            api = RestApi(self.manager, self.runner, args.rest_api_timeout_in_ms / 1000)
+            api = RestApi(self.manager, self.runner, args.rest_api_timeout_in_ms / 1000,
+                          max_request_elements=args.max_request_elements,
+                          max_request_strings=args.max_request_strings)
             # Daemon handler threads; server_close() closes idle and half-read connections.
-            self.http_server = make_http_server(api, args.bind_address, args.rest_api_port)
+            self.http_server = make_http_server(
+                api, args.bind_address, args.rest_api_port,
+                max_body_bytes=args.rest_api_max_body_bytes or None,
+                max_concurrent_requests=args.rest_api_num_threads or None)
             self._http_thread = threading.Thread(target=self.http_server.serve_forever,
                                                  name="rest", daemon=True)
             self._http_thread.start()
@@ -374,6 +383,15 @@ def build_parser():
     flag("--grpc_socket_path", "", str, "also serve gRPC on unix:<path>")
     flag("--rest_api_port", 0, int, "REST port; 0 disables REST")
     flag("--rest_api_timeout_in_ms", 30000, int)
+    flag("--rest_api_num_threads", 0, int,
+         "REST requests decoded and run at once; 0 = 4 x CPUs (TF Serving's default)")
+    flag("--rest_api_max_body_bytes", DEFAULT_MAX_BODY_BYTES, int,
+         "largest REST request body, 413 beyond (stand-in only; 0 = no limit)")
+    flag("--max_request_elements", DEFAULT_MAX_ELEMENTS, int,
+         "elements (4-byte units) one request may declare over all its inputs, checked "
+         "before anything is allocated; default: 256 images of 227x227x3 (stand-in only)")
+    flag("--max_request_strings", DEFAULT_MAX_STRINGS, int,
+         "strings one request may declare (stand-in only)")
     flag("--bind_address", "127.0.0.1", str,
          "address the gRPC and REST ports listen on (stand-in only; TF Serving binds all "
          "interfaces): 0.0.0.0 or :: to accept remote clients, e.g. in a container")

@@ -328,3 +328,29 @@ def test_hostile_requests_get_typed_errors_and_rss_stays_bounded(server):
     assert server.process.poll() is None
     assert peak < RSS_CAP_BYTES, f"peak RSS {peak >> 20} MiB"
     assert peak - rss_ready < GROWTH_CAP_BYTES, f"grew {(peak - rss_ready) >> 20} MiB"
+
+
+def test_server_flags_set_the_request_caps(tmp_path):
+    # 67x67x3 pixels = 13467 elements: over a cap of 10000, under the default.
+    copy_version(tiny_version(0), tmp_path / "alexnet", 1)
+    process = ServerProcess(tmp_path, "--model_name=alexnet",
+                            f"--model_base_path={tmp_path / 'alexnet'}",
+                            "--max_request_elements=10000", "--rest_api_max_body_bytes=1000",
+                            rest=True)
+    try:
+        process.start()
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = "alexnet"
+        request.model_spec.signature_name = "serving_pixels"
+        request.inputs["pixels"].CopyFrom(_proto([1, 67, 67, 3], float_val=[0.0]))
+        with grpc.insecure_channel(process.address) as channel:
+            with pytest.raises(grpc.RpcError) as info:
+                prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(
+                    request, timeout=60)
+        assert info.value.code() == INVALID
+        assert "limit of 10000 elements" in info.value.details()
+        body = json.dumps({"instances": [0.0] * 400}).encode()
+        status, answer = _http(process.rest_port, _post("/v1/models/alexnet:predict", body))
+        assert status == 413 and "error" in answer
+    finally:
+        process.kill()
