@@ -68,11 +68,22 @@ def test_cli_with_a_huge_learning_rate_exits_non_zero_and_exports_nothing(
          shapes_data_dir, "--learning-rate", "1e6", "--epochs", "1", "--quiet",
          "--run-dir", str(tmp_path / "run"), "--export-dir", str(tmp_path / "models")],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
-    assert "NonFiniteLossError" in proc.stderr and "not a finite number" in proc.stderr
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr  # a message for the user, not a stack
+    assert "error: " in proc.stderr and "not a finite number" in proc.stderr
     assert "lower learning rate (it was 1e+06)" in proc.stderr
     assert not (tmp_path / "models").exists()
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_cli_refuses_an_unknown_dataset_with_a_message_and_writes_nothing(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "training/train.py", "--preset", "smoke", "--dataset", "nope",
+         "--run-dir", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "Unknown dataset 'nope'" in proc.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_custom_loop_stops_on_a_non_finite_loss(shapes_data_dir, tmp_path):

@@ -55,6 +55,8 @@ def build_parser():
     run.add_argument("--export-dir", default="models/alexnet",
                      help="base path of the versioned SavedModels (<export-dir>/<N>/)")
     run.add_argument("--no-export", action="store_true", help="skip the SavedModel export")
+    run.add_argument("--force-export", action="store_true",
+                     help="export a new version even if this finished run exported one already")
     run.add_argument("--seed", type=int, help="random seed for weights, shuffling, augmentation")
     run.add_argument("--quiet", action="store_true", help="one line per epoch, no progress bar")
 
@@ -144,8 +146,14 @@ def main(argv=None):
     from keras_alexnet import trainer  # imports TensorFlow: after --help has been served
 
     print(f"Training AlexNet ({args.preset} preset) on {config.dataset}; run directory {run_dir}")
-    summary = trainer.run(config, run_dir, args.export_dir, verbose=2 if args.quiet else 1,
-                          do_export=not args.no_export)
+    try:
+        summary = trainer.run(config, run_dir, args.export_dir, verbose=2 if args.quiet else 1,
+                              do_export=not args.no_export, force_export=args.force_export)
+    except (ValueError, trainer.NonFiniteLossError) as error:
+        # What a user can fix (a bad flag, dataset or run directory; a diverged run) gets
+        # its message, not a traceback; nothing was written that a rerun would trip on.
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2 if isinstance(error, ValueError) else 1) from None
     minutes = summary["seconds"] / 60
     print(f"\nDone in {minutes:.1f} min: validation top-1 {summary['val_top1']:.2%} "
           f"(error {1 - summary['val_top1']:.2%}), top-5 {summary['val_top5']:.2%} "
