@@ -8,7 +8,6 @@ Bounded: derandomized, no example database, a few hundred examples per test, sma
 """
 
 import json
-import time
 
 import grpc
 import numpy as np
@@ -205,11 +204,3 @@ def test_rest_handle_answers_4xx_never_500(method, path, body):
     assert status == 200 or 400 <= status < 500, (status, payload)
     if status != 200:
         assert isinstance(payload["error"], str) and payload["error"]
-
-
-def test_fuzzing_stays_fast():
-    """The whole module is meant to take seconds; this pins one example's cost."""
-    start = time.monotonic()
-    assert API.handle("POST", "/v1/models/m:predict", '{"inputs": [1.0, 2.0]}') == (
-        200, {"outputs": [1.0, 2.0]})
-    assert time.monotonic() - start < 5
