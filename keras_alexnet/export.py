@@ -334,8 +334,9 @@ class _Endpoints:
         self.mean = tf.constant(mean, tf.float32)
 
     def top_k(self, pixels, with_probabilities=False):
-        # An empty batch skips the network: oneDNN's fused convolutions reject zero-sized
-        # batches ("input depth must be evenly divisible by filter depth").
+        # An empty batch skips the network: oneDNN's Conv2D mishandles zero-sized batches
+        # (docs/scale.md). AlexNet.call guards itself; this covers any other Keras model
+        # exported here.
         logits = tf.cond(
             tf.shape(pixels)[0] > 0,
             lambda: tf.cast(self.model(pixels, training=False), tf.float32),
