@@ -165,11 +165,15 @@ def test_unreadable_files_are_skipped_for_an_unprivileged_user(tmp_path):
         cache = public / "cache"
         cache.mkdir(mode=0o777)
         os.chmod(cache, 0o777)
+        warm = image_folder(public / "warm", 2)
         script = f"""
 import json, os, warnings
 import numpy.random, tensorflow as tf  # imported first: the interpreter is under 0700 /root
 from keras_alexnet import datasets, preprocessing
 from keras_alexnet.datasets import folder
+# The same load as root first, on other files: TensorFlow imports modules lazily, and the
+# checkout (with its virtualenv) may sit in a 0700 folder the unprivileged user cannot read.
+datasets.load("folder:{warm}", data_dir="{public / 'warm-cache'}", val_split=0.34)
 os.setgroups([]); os.setgid(65534); os.setuid(65534)
 def load():
     with warnings.catch_warnings(record=True) as seen:
