@@ -43,7 +43,8 @@ def measure(folder, cores, seconds, batch_size, max_side, stage):
 
     tf.config.threading.set_intra_op_parallelism_threads(cores)
     tf.config.threading.set_inter_op_parallelism_threads(cores)
-    from keras_alexnet import input_pipeline, preprocessing
+    from keras_alexnet import preprocessing
+    from keras_alexnet.training import input_pipeline
 
     files = _images(folder, max_side)
     encoded = [p.read_bytes() for p in files]

@@ -68,9 +68,9 @@ def export_tiny(base, seed):
 
 
 def write_broken_version(base):
-    from keras_alexnet.export import existing_versions
+    from keras_alexnet.files import list_versions
 
-    version = existing_versions(base)[-1] + 1
+    version = list_versions(base)[-1] + 1
     staging = base / f".tmp-broken-{version}"
     staging.mkdir()
     (staging / "saved_model.pb").write_bytes(b"this is not a SavedModel")
@@ -80,9 +80,9 @@ def write_broken_version(base):
 
 def copy_version(base):
     """A new version as a deployment tool would deliver it: copied whole, then renamed."""
-    from keras_alexnet.export import existing_versions
+    from keras_alexnet.files import list_versions
 
-    version = existing_versions(base)[-1] + 1
+    version = list_versions(base)[-1] + 1
     staging = base / f".tmp-copy-{version}"
     shutil.copytree(base / "1", staging)
     os.rename(staging, base / str(version))

@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from keras_alexnet import trainer  # noqa: E402
-from keras_alexnet.config import PRESETS  # noqa: E402
+from keras_alexnet.training.config import PRESETS  # noqa: E402
 
 
 def device_name():

@@ -36,7 +36,8 @@ import time
 import keras
 import tensorflow as tf
 
-from keras_alexnet import distribute, input_pipeline, trainer
+from keras_alexnet import trainer
+from keras_alexnet.training import distribute, input_pipeline
 
 HISTORY_FIELDS = ["epoch", "loss", "lr", "top1", "top5", "val_loss", "val_top1", "val_top5"]
 

@@ -30,24 +30,17 @@ Keras nor this package to load.
 """
 
 import json
-import os
 import pathlib
-import shutil
-import socket
-import tempfile
-import time
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_alexnet import preprocessing
+from keras_alexnet import faults, files, preprocessing
 
 TOP_K = 5
 MAX_IMAGE_PIXELS = 50_000_000
 METADATA_FILE = "alexnet_export.json"
-STAGING_PREFIX = ".tmp-"
-STALE_STAGING_SECONDS = 24 * 3600
 
 
 def top_k_for(num_classes):
@@ -62,74 +55,10 @@ def top_k_for(num_classes):
     return min(TOP_K, num_classes)
 
 
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def make_readable(root):
-    """Gives ``root`` and everything below it the modes of ordinary file creation:
-    directories ``0o777 & ~umask``, files ``0o666 & ~umask`` (0755 / 0644 under the usual
-    umask 022), so that any user allowed to read the model base path (a server's own
-    account) can load the version; `tempfile.mkdtemp` would leave the top 0700."""
-    mask = _umask()
-    dir_mode, file_mode = 0o777 & ~mask, 0o666 & ~mask
-    os.chmod(root, dir_mode)
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames:
-            os.chmod(os.path.join(dirpath, name), dir_mode)
-        for name in filenames:
-            os.chmod(os.path.join(dirpath, name), file_mode)
-
-
-def _host():
-    return socket.gethostname().replace("-", "_")
-
-
-def _staging_owner_alive(path):
-    """Whether the export that made the staging folder ``path`` may still be running.
-
-    Its name holds the host and process id (``.tmp-<version>-<host>-<pid>-<random>``):
-    on this host, a process that is gone (or this very process, which only cleans up
-    before it exports) left it behind. Another host's folder on a shared filesystem,
-    or a live process's, is left alone unless it is older than `STALE_STAGING_SECONDS`.
-    """
-    try:
-        if time.time() - path.stat().st_mtime > STALE_STAGING_SECONDS:
-            return False
-    except OSError:
-        return False
-    parts = path.name[len(STAGING_PREFIX):].split("-")
-    if len(parts) != 4 or not parts[2].isdigit():
-        return False  # a name without an owner (older releases): a leftover
-    host, pid = parts[1], int(parts[2])
-    if host != _host():
-        return True
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale_staging(base_dir):
     """Deletes the staging folders of exports into ``base_dir`` that were killed before
     their rename (their process is gone); returns the names removed."""
-    base = pathlib.Path(base_dir)
-    if not base.is_dir():
-        return []
-    removed = []
-    for path in base.iterdir():
-        if path.name.startswith(STAGING_PREFIX) and path.is_dir() and not path.is_symlink():
-            if not _staging_owner_alive(path):
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(path.name)
-    return sorted(removed)
+    return files.remove_stale_temporaries(base_dir)
 
 
 def _le_uint(data, offset, length):
@@ -383,14 +312,6 @@ class _Endpoints:
         return {"classes": outputs["labels"], "scores": outputs["scores"]}
 
 
-def existing_versions(base_dir):
-    """Sorted integer version numbers present under ``base_dir``."""
-    base = pathlib.Path(base_dir)
-    if not base.is_dir():
-        return []
-    return sorted(int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit())
-
-
 def export_saved_model(model, base_dir, class_names, *, version=None, mean=None):
     """Exports ``model`` as SavedModel version ``<base_dir>/<version>/``.
 
@@ -420,7 +341,7 @@ def export_saved_model(model, base_dir, class_names, *, version=None, mean=None)
     top_k = top_k_for(num_outputs)
     base = pathlib.Path(base_dir)
     if version is None:
-        version = (existing_versions(base) or [0])[-1] + 1
+        version = (files.list_versions(base) or [0])[-1] + 1
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise ValueError(f"`version` must be a positive integer. Received: {version!r}")
     target = base / str(version)
@@ -450,9 +371,7 @@ def export_saved_model(model, base_dir, class_names, *, version=None, mean=None)
     )
     # A hidden name (TF Serving ignores non-numeric directories) on the same filesystem,
     # renamed into place only once complete.
-    staging = pathlib.Path(tempfile.mkdtemp(
-        prefix=f"{STAGING_PREFIX}{version}-{_host()}-{os.getpid()}-", dir=base))
-    try:
+    with files.staged_directory(target, tag=str(version)) as staging:
         archive.write_out(str(staging), verbose=False)
         metadata = {
             "class_names": class_names,
@@ -465,9 +384,5 @@ def export_saved_model(model, base_dir, class_names, *, version=None, mean=None)
         (staging / "assets.extra" / METADATA_FILE).write_text(json.dumps(metadata, indent=1))
         if np.asarray(mean).size != 3:  # the per-pixel mean image, for offline evaluation
             np.save(staging / "assets.extra" / "mean.npy", np.asarray(mean, np.float32))
-        make_readable(staging)  # modes survive the rename
-        os.rename(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        faults.crash_point("export")
     return target

@@ -38,8 +38,9 @@ import time
 
 import keras
 
-from keras_alexnet import datasets, distribute, export, input_pipeline, preprocessing
-from keras_alexnet.config import TrainConfig
+from keras_alexnet import datasets, export, files, preprocessing
+from keras_alexnet.training import distribute, input_pipeline
+from keras_alexnet.training.config import TrainConfig
 from keras_alexnet.model import AlexNet
 
 # Fields that may change between a run and its resumption.
@@ -99,7 +100,7 @@ def load_data(config):
                            manual_dir=config.manual_dir, val_split=config.val_split,
                            seed=config.seed)
     if config.mean == "image":
-        from keras_alexnet import mean_image
+        from keras_alexnet.training import mean_image
 
         mean = mean_image.compute_or_load(source, config.data_dir, config.image_size)
     else:
@@ -296,7 +297,7 @@ def export_once(model, run_dir, export_dir, class_names, mean, epoch):
     that `previous_export` recognises.
     """
     run_dir = pathlib.Path(run_dir)
-    version = (export.existing_versions(export_dir) or [0])[-1] + 1
+    version = (files.list_versions(export_dir) or [0])[-1] + 1
     path = pathlib.Path(export_dir) / str(version)
     record = {"path": str(path), "base_dir": str(pathlib.Path(export_dir)),
               "version": version, "epoch": epoch}

@@ -9,7 +9,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from keras_alexnet import datasets, input_pipeline, mean_image, preprocessing
+from keras_alexnet import datasets, preprocessing
+from keras_alexnet.training import input_pipeline, mean_image
 from keras_alexnet.datasets import folder
 
 DATA = pathlib.Path(__file__).parent / "data"

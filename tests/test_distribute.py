@@ -10,13 +10,13 @@ import textwrap
 import pytest
 from _subprocess import ONEDNN_SETTINGS, run_script
 
-from keras_alexnet import distribute
+from keras_alexnet.training import distribute
 from training import train
 
 SCRIPT = textwrap.dedent("""
     import json, os, sys
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from keras_alexnet import distribute
+    from keras_alexnet.training import distribute
     distribute.configure_cpu_devices(2)
     import keras, numpy as np, tensorflow as tf
     from keras_alexnet import alexnet, custom_loop

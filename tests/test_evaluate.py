@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_alexnet import datasets, evaluation, preprocessing
+from keras_alexnet import datasets, preprocessing
+from keras_alexnet.training import evaluation
 
 DATA = pathlib.Path(__file__).parent / "data"
 IMAGES = sorted((DATA / "images").iterdir())

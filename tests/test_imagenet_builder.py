@@ -72,7 +72,8 @@ def test_real_builder_prepares_the_miniature_archives_and_trains_one_step(tmp_pa
     import numpy as np
     import tensorflow as tf
 
-    from keras_alexnet import input_pipeline, preprocessing
+    from keras_alexnet import preprocessing
+    from keras_alexnet.training import input_pipeline
     from training import train
 
     manual = write_manual_dir(tmp_path / "manual")

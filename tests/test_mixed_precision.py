@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 from keras_alexnet import custom_loop, trainer
-from keras_alexnet.config import PRESETS
+from keras_alexnet.training.config import PRESETS
 
 TINY = dict(num_classes=10, image_size=67, width=0.125, seed=0, dropout_rate=0.0)
 

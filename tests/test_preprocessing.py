@@ -7,7 +7,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from keras_alexnet import input_pipeline, paper, preprocessing
+from keras_alexnet import paper, preprocessing
+from keras_alexnet.training import input_pipeline
 
 
 def test_shorter_side_to_256_then_central_crop():

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_alexnet import evaluation, export, input_pipeline, preprocessing
+from keras_alexnet import export, preprocessing
+from keras_alexnet.training import evaluation, input_pipeline
 
 DATA = pathlib.Path(__file__).parent / "data"
 FILES = sorted((DATA / "images").iterdir()) + [DATA / "edge" / "hopper_gray.jpg",

@@ -18,7 +18,7 @@ TINY = dict(num_classes=10, image_size=67, width=0.125, seed=0)
 SCRIPT = textwrap.dedent("""
     import json, os
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from keras_alexnet import distribute
+    from keras_alexnet.training import distribute
     distribute.configure_cpu_devices(2)
     import keras, numpy as np, tensorflow as tf
     from keras_alexnet import alexnet, custom_loop

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from keras_alexnet import trainer
-from keras_alexnet.config import PRESETS, TrainConfig
+from keras_alexnet.training.config import PRESETS, TrainConfig
 from training import train
 
 

@@ -14,7 +14,7 @@ import keras
 import pytest
 
 from keras_alexnet import export, trainer
-from keras_alexnet.config import PRESETS
+from keras_alexnet.training.config import PRESETS
 from keras_alexnet.datasets import folder
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -84,7 +84,7 @@ def load_model(path):
     import keras
     import tensorflow as tf
 
-    from keras_alexnet import evaluation
+    from keras_alexnet.training import evaluation
 
     path = pathlib.Path(path).expanduser()
     if path.is_file():
@@ -111,7 +111,8 @@ def main(argv=None):
     """Runs the evaluation; returns the summary dict (errors are fractions)."""
     args = build_parser().parse_args(argv)
 
-    from keras_alexnet import datasets, evaluation, preprocessing
+    from keras_alexnet import datasets, preprocessing
+    from keras_alexnet.training import evaluation
 
     make_predictor, image_size, model_mean, run_config = load_model(args.model)
     dataset = args.dataset or run_config.get("dataset")
@@ -131,7 +132,7 @@ def main(argv=None):
         raise SystemExit("error: the SavedModel was exported with a per-pixel mean image that it "
                          "does not carry; pass it with --mean (a .npy file, or 'image')")
     if mean == "image":
-        from keras_alexnet import mean_image
+        from keras_alexnet.training import mean_image
 
         mean = mean_image.compute_or_load(source, data_dir, image_size)
     mean = preprocessing.resolve_mean(mean, image_size)

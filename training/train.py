@@ -6,7 +6,7 @@
     python training/train.py --strategy towers --cpu-devices 2   # the paper's two towers
     TF_CONFIG=... python training/train.py --strategy multiworker  # see docs/scale.md
 
-A preset supplies every setting (see `keras_alexnet.config.PRESETS`); flags override
+A preset supplies every setting (see `keras_alexnet.training.config.PRESETS`); flags override
 it. Rerunning the same command after an interruption resumes from the newest
 checkpoint in the run directory.
 """
@@ -37,7 +37,7 @@ def _prefer_onednn():
 if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "alexnet-train":
     _prefer_onednn()
 
-from keras_alexnet.config import DEFAULT_PRESET, PRESETS  # noqa: E402
+from keras_alexnet.training.config import DEFAULT_PRESET, PRESETS  # noqa: E402
 
 
 def build_parser():

@@ -2,7 +2,7 @@
 
 `load` returns a `DatasetSource` whose ``train`` and ``validation`` splits yield
 ``(encoded_image_bytes, label)`` pairs; decoding and augmentation happen later in
-`keras_alexnet.input_pipeline`, with the preprocessing shared by export. Names:
+`keras_alexnet.training.input_pipeline`, with the preprocessing shared by export. Names:
 
 * ``alexnet_shapes`` (default) and ``alexnet_shapes/tiny``: the embedded, locally
   generated TFDS dataset (`keras_alexnet.datasets.shapes`).

@@ -27,7 +27,7 @@ class TrainConfig:
     mean image of the training set, three numbers, or a ``.npy`` path), ``manual_dir``
     (where the user's ImageNet archives are), ``val_split`` (held-out fraction for
     folder datasets without a ``val`` folder).
-    Scale (see `keras_alexnet.distribute` and docs/scale.md): ``strategy``
+    Scale (see `keras_alexnet.training.distribute` and docs/scale.md): ``strategy``
     (``"default"``, ``"mirrored"``, ``"towers"``, ``"multiworker"``), ``cpu_devices``
     (split the CPU into this many logical devices), ``batch_size`` is per replica: the
     global batch is ``batch_size`` times the replicas in sync, and ``scale_lr`` multiplies
