@@ -19,12 +19,16 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN groupadd --gid 10001 alexnet \
     && useradd --uid 10001 --gid alexnet --create-home --shell /bin/bash alexnet
 WORKDIR /opt/keras-alexnet
-# Packaging metadata first, sources after: code edits keep the cached dependency layer.
+# The dependencies are installed from setup.cfg alone, before the sources are copied, so
+# a code edit rebuilds only the last two layers and not the dependency layer.
 COPY pyproject.toml setup.cfg README.md ./
+RUN python -c "import configparser; c = configparser.ConfigParser(); c.read('setup.cfg'); \
+print(c['options']['install_requires'].strip())" > /tmp/requirements.txt \
+    && pip install --no-cache-dir -r /tmp/requirements.txt
 COPY keras_alexnet ./keras_alexnet
 COPY training ./training
 COPY serving ./serving
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir --no-deps . \
     && mkdir -p runs models \
     && chown alexnet:alexnet runs models
 USER 10001:10001

@@ -2,7 +2,7 @@
 
 Every number the rest of the package takes from the paper (or from the reference
 implementations it cites) lives here, with its section. Sources and the reasoning
-behind each reading are in ``docs/paper.md``.
+behind each reading are in the comment beside it (section numbers refer to the paper).
 """
 
 # Sec. 3.3: local response normalisation, b_i = a_i / (k + alpha * sum_j a_j^2)^beta,
