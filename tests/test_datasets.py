@@ -3,6 +3,7 @@
 import io
 import pathlib
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -84,6 +85,55 @@ def test_folder_decodes_every_format_and_reports_undecodable_files_once(tmp_path
     with pytest.warns(folder.UndecodableImagesWarning, match="Skipped 2"):
         again = datasets.load(f"folder:{root}", data_dir=str(tmp_path / "cache"))
     assert again.num_train == 9 and again.fingerprint == source.fingerprint
+
+
+def _small_folder(root):
+    """One class, a decodable image in train/ and val/, and one corrupt file in train/."""
+    for split in ("train", "val"):
+        (root / split / "a").mkdir(parents=True)
+        shutil.copy(IMAGES[0], root / split / "a" / "good.jpg")
+    (root / "train" / "a" / "bad.jpg").write_text("not an image")
+    return root
+
+
+def test_skipped_files_warning_points_at_the_callers_code(tmp_path):
+    root = _small_folder(tmp_path / "pics")
+    for _ in range(2):  # the decode check, then the cached check
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            line = _line_here() + 1
+            datasets.load(f"folder:{root}", data_dir=str(tmp_path / "cache"))
+        record = [r for r in record if issubclass(r.category, folder.UndecodableImagesWarning)]
+        assert len(record) == 1
+        assert record[0].filename == __file__ and record[0].lineno == line
+    # Called from inside the package (load_folder directly), it still names this file.
+    with pytest.warns(folder.UndecodableImagesWarning) as record:
+        folder.load_folder(f"folder:{root}", data_dir=str(tmp_path / "cache"))
+    assert record[0].filename == __file__
+
+
+def _line_here():
+    import inspect
+
+    return inspect.currentframe().f_back.f_lineno
+
+
+def test_a_read_only_cache_location_only_costs_a_re_check(tmp_path, monkeypatch):
+    root = _small_folder(tmp_path / "pics")
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Read-only file system")
+
+    monkeypatch.setattr(folder.safe_files, "atomic_write", read_only)
+    calls = []
+    find = folder.find_undecodable
+    monkeypatch.setattr(folder, "find_undecodable", lambda paths: calls.append(1) or find(paths))
+    for _ in range(2):
+        with pytest.warns(folder.UndecodableImagesWarning, match="Skipped 1"):
+            source = datasets.load(f"folder:{root}", data_dir=str(tmp_path / "cache"))
+        assert (source.num_train, source.num_validation) == (1, 1)
+    assert len(calls) == 2  # nothing was cached: checked again
+    assert not list((tmp_path / "cache").rglob("*.json"))
 
 
 def test_held_out_split_is_stratified_and_seeded(tmp_path):

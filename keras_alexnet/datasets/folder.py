@@ -14,17 +14,21 @@ PNG bytes under a ``.JPEG`` name all become RGB); files that fail (and files tha
 be read: dangling symlinks, no read permission) are left out and reported in one
 warning with their count and a few names. The result of that check is cached (keyed by
 the paths, sizes, modification times, modes and readability), so later runs start at
-once and a file that becomes readable is checked again. Only file paths are held in memory; images are read from disk as they are used.
+once and a file that becomes readable is checked again. Only file paths are held in
+memory; images are read from disk as they are used.
 """
 
 import hashlib
 import json
 import os
 import pathlib
+import sys
 import warnings
 
 import numpy as np
 import tensorflow as tf
+
+from keras_alexnet import files as safe_files
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 VAL_FOLDERS = ("val", "validation")
@@ -33,6 +37,8 @@ SHOWN_NAMES = 5
 # The held-out split does not follow the training seed: the same files are held out
 # whatever --seed a run uses, so runs with different seeds are evaluated alike.
 SPLIT_SEED = 0
+# Warnings point at the first caller outside this package (the user's code).
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class UndecodableImagesWarning(UserWarning):
@@ -136,13 +142,26 @@ def checked_files(paths, data_dir=None):
         bad = find_undecodable(paths)
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(f".{cache.stem}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"files": len(paths), "undecodable": bad}))
-            os.replace(tmp, cache)
+            safe_files.remove_stale_temporaries(cache.parent)  # left by killed runs
+            safe_files.atomic_write(cache, json.dumps({"files": len(paths), "undecodable": bad}))
         except OSError:
             pass  # a read-only cache location only costs a re-check next time
     bad_set = set(bad)
     return [p for p in paths if p not in bad_set], bad
+
+
+def _outside_stacklevel():
+    """The ``stacklevel`` for a `warnings.warn` in the caller of this function that names
+    the first frame outside the keras_alexnet package (Python 3.11's `warnings.warn` has
+    no ``skip_file_prefixes``)."""
+    frame, level = sys._getframe(1), 1  # the frame that calls warnings.warn: level 1
+    while frame.f_back is not None and _in_package(frame.f_code.co_filename):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _in_package(filename):
+    return os.path.abspath(filename).startswith(_PACKAGE_DIR + os.sep)
 
 
 def _warn_undecodable(bad, root):
@@ -155,7 +174,7 @@ def _warn_undecodable(bad, root):
         f"JPEG, PNG, GIF or BMP images (unreadable, dangling symlinks, corrupt): "
         f"{shown}{more}.",
         UndecodableImagesWarning,
-        stacklevel=3,
+        stacklevel=_outside_stacklevel(),
     )
 
 

@@ -103,7 +103,7 @@ def _draw_shape(draw, name, rng, fg, bg, size):
         raise ValueError(f"Unknown shape {name!r}")
 
 
-def _texture(name, rng, fg, size):
+def _texture(name, rng, size):
     """A boolean mask of the texture over the whole canvas (rotated, random period)."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     rot = rng.uniform(0, math.pi)
@@ -130,7 +130,7 @@ def render(label, rng):
     big = SIZE * _SUPERSAMPLE
     if name in ("stripes", "checkerboard", "dots"):
         big = SIZE  # textures need no supersampling, and are 4x cheaper without
-        mask = _texture(name, rng, fg, big).astype(np.float32)
+        mask = _texture(name, rng, big).astype(np.float32)
         # Textures cover a random rotated patch of at least a third of the image.
         patch = Image.new("L", (big, big), 0)
         cx, cy = rng.uniform(0.4, 0.6, 2) * big

@@ -17,7 +17,7 @@ decodes and rescales every image once (3.3 ms of CPU per ImageNet-sized photo: a
 """
 
 import hashlib
-import os
+import io
 import pathlib
 import re
 import time
@@ -25,7 +25,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from keras_alexnet import paper, preprocessing
+from keras_alexnet import files, paper, preprocessing
 
 
 def cache_path(source, data_dir, image_size=paper.IMAGE_SIZE):
@@ -87,7 +87,8 @@ def compute_or_load(source, data_dir=None, image_size=paper.IMAGE_SIZE):
           f"training images); it is cached in {path}.")
     mean = compute(source.train, image_size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}.npy")
-    np.save(tmp, mean)
-    os.replace(tmp, path)  # atomic: a concurrent reader sees all of it or nothing
+    files.remove_stale_temporaries(path.parent)  # left by killed runs
+    buffer = io.BytesIO()
+    np.save(buffer, mean)
+    files.atomic_write(path, buffer.getvalue())  # a reader sees all of it or nothing
     return mean
