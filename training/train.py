@@ -59,6 +59,12 @@ def build_parser():
                      help="export a new version even if this finished run exported one already")
     run.add_argument("--seed", type=int, help="random seed for weights, shuffling, augmentation")
     run.add_argument("--quiet", action="store_true", help="one line per epoch, no progress bar")
+    run.add_argument("--checkpoint-every", type=int, metavar="STEPS",
+                     help="also commit a checkpoint every STEPS training steps, besides every "
+                          "epoch end (0: epoch ends only); a killed run resumes from the newest "
+                          "(default: the preset's, a few minutes of work)")
+    run.add_argument("--deterministic", action="store_true",
+                     help="deterministic TensorFlow ops: bit-identical reruns, somewhat slower")
 
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", help="dataset name: alexnet_shapes (embedded, generated "
@@ -87,6 +93,8 @@ def build_parser():
     model = parser.add_argument_group("model")
     model.add_argument("--width", type=float, help="width multiplier (1.0 = the paper)")
     model.add_argument("--towers", type=int, choices=(1, 2), help="2 = the paper's two towers")
+    model.add_argument("--dropout-rate", type=float,
+                       help="dropout before fc6 and fc7 (0.5 in the paper, 0 turns it off)")
 
     scale = parser.add_argument_group("scale (docs/scale.md)")
     scale.add_argument("--strategy", choices=("default", "mirrored", "towers", "multiworker"),
@@ -105,18 +113,15 @@ def build_parser():
     return parser
 
 
-_OVERRIDES = {
-    "dataset": "dataset", "data_dir": "data_dir", "batch_size": "batch_size",
-    "image_size": "image_size", "epochs": "epochs", "learning_rate": "learning_rate",
-    "optimizer": "optimizer", "weight_decay": "weight_decay", "width": "width",
-    "towers": "towers", "seed": "seed", "manual_dir": "manual_dir", "val_split": "val_split",
-    "strategy": "strategy", "cpu_devices": "cpu_devices",
-}
+# Flags whose value goes to the TrainConfig field of the same name, when given.
+_FIELD_FLAGS = ("dataset", "data_dir", "batch_size", "image_size", "epochs", "learning_rate",
+                "optimizer", "weight_decay", "width", "towers", "seed", "manual_dir",
+                "val_split", "strategy", "cpu_devices", "checkpoint_every", "dropout_rate")
 
 
 def resolve_config(args):
     """The preset's `TrainConfig` with every flag the user gave applied on top."""
-    values = {k: getattr(args, a) for a, k in _OVERRIDES.items() if getattr(args, a) is not None}
+    values = {k: getattr(args, k) for k in _FIELD_FLAGS if getattr(args, k) is not None}
     if args.no_pca:
         values["pca_std"] = 0.0
     if args.mean_image:
@@ -127,9 +132,13 @@ def resolve_config(args):
         values["mixed_precision"] = f"mixed_{args.mixed_precision}"
     if args.jit:
         values["jit_compile"] = True
+    if args.deterministic:
+        values["deterministic"] = True
     for name in ("batch_size", "epochs", "cpu_devices"):
         if name in values and values[name] < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
+    if values.get("checkpoint_every", 0) < 0:
+        raise SystemExit("error: --checkpoint-every must be 0 (epoch ends only) or more")
     return dataclasses.replace(PRESETS[args.preset], **values)
 
 
@@ -143,13 +152,13 @@ def main(argv=None):
     config = resolve_config(args)
     run_dir = args.run_dir or default_run_dir(args.preset, config.dataset)
 
-    from keras_alexnet import trainer  # imports TensorFlow: after --help has been served
+    from keras_alexnet.training import loop  # imports TensorFlow: after --help is served
 
     print(f"Training AlexNet ({args.preset} preset) on {config.dataset}; run directory {run_dir}")
     try:
-        summary = trainer.run(config, run_dir, args.export_dir, verbose=2 if args.quiet else 1,
+        summary = loop.train(config, run_dir, args.export_dir, verbose=2 if args.quiet else 1,
                               do_export=not args.no_export, force_export=args.force_export)
-    except (ValueError, trainer.NonFiniteLossError) as error:
+    except (ValueError, loop.NonFiniteLossError) as error:
         # What a user can fix (a bad flag, dataset or run directory; a diverged run) gets
         # its message, not a traceback; nothing was written that a rerun would trip on.
         print(f"error: {error}", file=sys.stderr)

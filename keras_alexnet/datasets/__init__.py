@@ -13,7 +13,7 @@
 """
 
 import dataclasses
-from typing import Optional
+from typing import Callable, Optional
 
 import tensorflow as tf
 
@@ -34,6 +34,10 @@ class DatasetSource:
         fingerprint: changes when the training images change (keys cached
             statistics such as the mean image); ``None`` when the name suffices.
         skipped: paths left out because they could not be decoded (folders only).
+        shuffled_train: ``seed -> tf.data.Dataset``, the training split in a file order
+            drawn from ``seed``, the same every time for the same seed (training passes
+            each epoch's seed, and a resumed run skips to its position in it). ``None``:
+            ``train``'s own fixed order (the input pipeline's buffer still shuffles).
     """
 
     name: str
@@ -45,10 +49,15 @@ class DatasetSource:
     display_names: Optional[list] = None
     fingerprint: Optional[str] = None
     skipped: list = dataclasses.field(default_factory=list)
+    shuffled_train: Optional[Callable[[int], tf.data.Dataset]] = None
 
     def __post_init__(self):
         if self.display_names is None:
             self.display_names = list(self.class_names)
+
+    def train_in_order(self, seed):
+        """The training split in the file order ``seed`` picks (see ``shuffled_train``)."""
+        return self.train if self.shuffled_train is None else self.shuffled_train(seed)
 
     @property
     def num_classes(self):

@@ -206,7 +206,8 @@ def _pairs(files, classes):
 def load_folder(spec, data_dir=None, val_split=None, seed=0, **_):
     """The `DatasetSource` of ``folder:PATH`` (see the module docstring).
 
-    ``seed`` orders the training files (a full reshuffle every epoch).
+    ``seed`` orders the training files of ``train``; ``shuffled_train(s)`` gives them in the
+    order of seed ``s`` (training draws a full reshuffle for every epoch).
 
     Raises:
         ValueError: the folder is missing, has no class folders or images, a
@@ -259,20 +260,22 @@ def load_folder(spec, data_dir=None, val_split=None, seed=0, **_):
             "both need at least one."
         )
 
-    def dataset(pairs, shuffle):
+    def dataset(pairs, shuffle_seed=None):
         paths = tf.constant([p for p, _ in pairs])
         labels = tf.constant([l for _, l in pairs], tf.int64)
         ds = tf.data.Dataset.from_tensor_slices((paths, labels))
-        if shuffle:
+        if shuffle_seed is not None:
             # The list is in class order; a full shuffle of the paths (not the images)
             # keeps input_pipeline's bounded shuffle buffer from seeing one class at a time.
-            ds = ds.shuffle(len(pairs), seed=seed, reshuffle_each_iteration=True)
+            # The same order for the same seed: training passes each epoch's own.
+            ds = ds.shuffle(len(pairs), seed=shuffle_seed, reshuffle_each_iteration=False)
         return ds.map(lambda p, l: (tf.io.read_file(p), l), num_parallel_calls=tf.data.AUTOTUNE)
 
     return DatasetSource(
         name=f"{PREFIX}{root}",
-        train=dataset(train, True),
-        validation=dataset(val, False),
+        train=dataset(train, seed),
+        validation=dataset(val),
+        shuffled_train=lambda order_seed: dataset(train, order_seed),
         class_names=classes,
         num_train=len(train),
         num_validation=len(val),

@@ -103,11 +103,12 @@ def load_imagenet(data_dir=None, manual_dir=None, seed=0, **_):
             )
         )
 
-    def split(which, shuffle):
+    def split(which, shuffle, shuffle_seed=seed):
         read_config = tfds.ReadConfig(
             # Never cache: 150 GB. (TFDS would only auto-cache a small prepared subset.)
             try_autocache=False,
-            shuffle_seed=seed if shuffle else None,
+            shuffle_seed=shuffle_seed if shuffle else None,
+            shuffle_reshuffle_each_iteration=False,  # the order is the seed's, every time
         )
         ds = builder.as_dataset(
             split=which,
@@ -128,6 +129,7 @@ def load_imagenet(data_dir=None, manual_dir=None, seed=0, **_):
         num_train=info.splits["train"].num_examples,
         num_validation=info.splits["validation"].num_examples,
         fingerprint=f"{info.version}-{info.splits['train'].num_examples}",
+        shuffled_train=lambda order_seed: split("train", True, order_seed),
     )
 
 

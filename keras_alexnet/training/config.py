@@ -11,6 +11,12 @@ from typing import Optional
 
 from keras_alexnet import paper
 
+# Fields that may change between a run and its resumption: none of them changes what
+# is computed (epochs only extends the run; where the data lives, how many checkpoints
+# are kept and how often they are written do not change a weight).
+RESUMABLE_CHANGES = ("epochs", "data_dir", "manual_dir", "keep_checkpoints",
+                     "checkpoint_every")
+
 
 @dataclasses.dataclass
 class TrainConfig:
@@ -33,6 +39,10 @@ class TrainConfig:
     global batch is ``batch_size`` times the replicas in sync, and ``scale_lr`` multiplies
     the learning rate by the same factor (the linear scaling rule); ``mixed_precision``
     (``None``, ``"mixed_float16"`` or ``"mixed_bfloat16"``) and ``jit_compile`` (XLA).
+    Run: ``seed``; ``keep_checkpoints`` (committed checkpoints kept); ``checkpoint_every``
+    (also checkpoint every this many training steps, besides every epoch end; 0: epoch
+    ends only); ``deterministic`` (TensorFlow's deterministic ops: bit-identical runs on
+    the same machine, at some cost in speed).
     """
 
     dataset: str = "alexnet_shapes"
@@ -63,6 +73,8 @@ class TrainConfig:
     scale_lr: bool = True
     mixed_precision: Optional[str] = None
     jit_compile: bool = False
+    checkpoint_every: int = 1000
+    deterministic: bool = False
 
     def to_json(self):
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -74,6 +86,18 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"Unknown configuration keys: {sorted(unknown)}")
         return cls(**values)
+
+    def check_resumes(self, saved):
+        """Raises ValueError naming the fields where this configuration differs from the
+        ``saved`` run's; only `RESUMABLE_CHANGES` (e.g. ``epochs``) may differ."""
+        old, new = dataclasses.asdict(saved), dataclasses.asdict(self)
+        changed = [k for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k]]
+        if changed:
+            details = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed)
+            raise ValueError(
+                f"The run directory holds a run with a different configuration ({details}). "
+                "Rerun with the original flags to resume it, or choose a new --run-dir."
+            )
 
     def model_kwargs(self):
         return dict(
@@ -109,6 +133,7 @@ PRESETS = {
         lr_drops=0,
         batch_size=16,
         epochs=3,
+        checkpoint_every=100,  # about 2 minutes of a 2-core CPU
     ),
     # For tests: a narrow 67x67 network on the tiny shapes split.
     "smoke": TrainConfig(

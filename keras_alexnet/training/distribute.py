@@ -10,7 +10,8 @@ for ``towers``, the pair of devices `keras_alexnet.AlexNet` places its towers on
   second.
 * ``multiworker``: `tf.distribute.MultiWorkerMirroredStrategy` from ``TF_CONFIG``; each
   worker mirrors over its own GPUs (or logical CPUs). Keras 3 ``fit`` fails under this
-  strategy (keras-team/keras#20585), so it trains with `keras_alexnet.custom_loop`.
+  strategy (keras-team/keras#20585), so the project trains with its own loop (`keras_alexnet.training.loop`), for
+  every strategy.
 
 Logical CPU devices can only be made before TensorFlow initialises its runtime (the
 first op, or the first device listing); `configure_cpu_devices` is idempotent and says
@@ -125,15 +126,8 @@ def make_strategy(name, cpu_devices=None):
     return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options), None
 
 
-def write_dir(directory, chief):
-    """Where this process writes ``directory``'s files: the directory itself on the chief,
-    a private ``.worker-<type>-<index>`` folder inside it elsewhere.
-
-    Every worker of a `MultiWorkerMirroredStrategy` must take part in saving (the save
-    runs collective ops), but only the chief's copy is kept; the others write into
-    their temporary folder, which the caller removes afterwards.
-    """
-    if chief:
-        return str(directory)
-    kind, index = task()
-    return os.path.join(str(directory), f".worker-{kind}-{index}")
+def num_workers(strategy):
+    """Worker processes in ``strategy``'s cluster (1 without a cluster)."""
+    resolver = getattr(strategy, "cluster_resolver", None)  # only multi-worker has one
+    spec = resolver.cluster_spec().as_dict() if resolver is not None else {}
+    return max(1, sum(len(spec.get(kind, [])) for kind in ("chief", "worker")))

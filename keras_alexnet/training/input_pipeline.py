@@ -2,10 +2,16 @@
 
 Training: shuffle, decode, the paper's augmentation (`preprocessing.train_from_image`),
 batch, prefetch. Evaluation: decode, `preprocessing.eval_from_image`, batch, prefetch.
-Each training element draws its augmentation seed from a seeded
-``tf.data.Dataset.random`` stream zipped alongside it, so the pipeline is
-deterministic for a given seed even with parallel, AUTOTUNEd maps; the stream is
-re-randomised every epoch.
+
+**Determinism, and resuming mid-epoch.** One training dataset covers one epoch, and
+everything random in it is a pure function of ``(seed, epoch)`` and the element's
+position: the shuffle is seeded with `epoch_seed` (``reshuffle_each_iteration=False``),
+and element ``i`` of epoch ``e`` is augmented with the stateless seed
+``(epoch_seed(seed, e), i)``. So ``skip_batches=k`` gives exactly the batches
+``k, k+1, ...`` of the same epoch: a run resumed from a mid-epoch checkpoint sees the
+images, crops, flips and colour noise it would have seen. The skip happens before
+decoding (only the encoded bytes of skipped elements are read); the source must give
+the same order each time it is iterated for a given epoch (`DatasetSource.train_epoch`).
 """
 
 import tensorflow as tf
@@ -13,6 +19,11 @@ import tensorflow as tf
 from keras_alexnet import paper, preprocessing
 
 AUTOTUNE = tf.data.AUTOTUNE
+
+
+def epoch_seed(seed, epoch):
+    """The shuffle and augmentation seed of ``epoch`` in a run seeded ``seed``."""
+    return (int(seed) * 1_000_003 + int(epoch)) % (2**31 - 1)
 
 
 def training_dataset(
@@ -23,24 +34,35 @@ def training_dataset(
     mean=paper.IMAGENET_MEAN_RGB,
     pca_std=paper.PCA_ALPHA_STD,
     seed=0,
+    epoch=0,
+    num_batches=None,
+    skip_batches=0,
     shuffle_buffer=4096,
     augment=True,
 ):
-    """Batches of augmented training pixels ``float32 [B, S, S, 3]`` and labels ``int64 [B]``.
+    """One epoch of augmented training pixels ``float32 [B, S, S, 3]`` and labels
+    ``int64 [B]``, in an order and with augmentations fixed by ``seed`` and ``epoch``.
 
-    Drops the last partial batch so that every step sees ``batch_size`` images.
-    ``augment=False`` gives the evaluation pixels (same decode, no randomness).
+    Drops the last partial batch so that every step sees ``batch_size`` images;
+    ``num_batches`` caps the epoch (every worker of a cluster must run the same number
+    of steps) and ``skip_batches`` starts it that many batches in (see the module
+    docstring). ``augment=False`` gives the evaluation pixels (same decode, no
+    randomness).
     """
     mean = tf.constant(mean, tf.float32)
-    ds = source.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-    ds = tf.data.Dataset.zip((ds, seeds))
+    this_seed = epoch_seed(seed, epoch)
+    ds = source.shuffle(shuffle_buffer, seed=this_seed, reshuffle_each_iteration=False)
+    if num_batches is not None:
+        ds = ds.take(num_batches * batch_size)
+    ds = ds.enumerate().skip(skip_batches * batch_size)
 
-    def prepare(example, element_seed):
+    def prepare(index, example):
         image_bytes, label = example
         image = preprocessing.decode_image(image_bytes)
         if augment:
-            pixels = preprocessing.train_from_image(image, element_seed, image_size, mean, pca_std)
+            element_seed = tf.stack([tf.constant(this_seed, tf.int64), index])
+            pixels = preprocessing.train_from_image(image, element_seed, image_size, mean,
+                                                    pca_std)
         else:
             pixels = preprocessing.eval_from_image(image, image_size, mean)
         return pixels, label
