@@ -14,10 +14,17 @@ suffix ``_a`` / ``_b`` on every per-tower layer (``conv1_a``, ``fc6_b``, ...).
 
 Model parallelism as in the paper: ``tower_devices=("/gpu:0", "/gpu:1")`` puts every
 tower-A layer (variables and ops) on the first device and every tower-B layer on the
-second; the layers that join the towers run on the first. See `AlexNet`.
+second; the layers that join the towers run on the first. Placement belongs to the machine
+that runs the model, not to its configuration: ``get_config()`` leaves it out, so a saved,
+cloned or exported model is unplaced. See `AlexNet`.
+
+The graph is built in `AlexNet.__init__` from the block helpers below (`conv_block`,
+`dense_block`, `norm_pool`, `lower_tower`, `upper_tower`, `merge`); each takes the tower
+``suffix`` (``""``, ``"_a"`` or ``"_b"``) and the tower's device explicitly.
 """
 
 import contextlib
+import itertools
 
 import keras
 import tensorflow as tf
@@ -89,8 +96,118 @@ PlacedFlatten = _placed(keras.layers.Flatten)
 PlacedLocalResponseNormalization = _placed(LocalResponseNormalization)
 
 
+_PLACED = {
+    keras.layers.Conv2D: PlacedConv2D,
+    keras.layers.Dense: PlacedDense,
+    keras.layers.MaxPooling2D: PlacedMaxPooling2D,
+    keras.layers.Flatten: PlacedFlatten,
+    LocalResponseNormalization: PlacedLocalResponseNormalization,
+}
+
+
 def _device_scope(device):
     return tf.device(device) if device else contextlib.nullcontext()
+
+
+def _apply(layer_class, x, device, **kwargs):
+    """Calls a new ``layer_class(**kwargs)`` on ``x``.
+
+    With a ``device`` the layer is its ``Placed*`` twin, called (hence built: the
+    variables are created) inside ``tf.device(device)`` and running its ops there at
+    every later call. Without one it is Keras' own class.
+    """
+    if device is None:
+        return layer_class(**kwargs)(x)
+    with tf.device(device):
+        return _PLACED[layer_class](device=device, **kwargs)(x)
+
+
+class _WeightSettings:
+    """Initializers and regularizer of each new ``Conv2D``/``Dense``, in creation order.
+
+    A seeded model draws ``seed``, ``seed + 1``, ... for its kernels in the order the
+    layers are created (tower A before tower B at each stage), so that it is reproducible;
+    ``seed=None`` leaves every initializer unseeded.
+    """
+
+    def __init__(self, initializer, seed, weight_decay):
+        self.initializer = initializer
+        self.seeds = itertools.repeat(None) if seed is None else itertools.count(seed)
+        self.regularizer = keras.regularizers.L2(weight_decay / 2.0) if weight_decay else None
+
+    def __call__(self, name):
+        """Keyword arguments for the next layer of the paper's layer ``name`` (``"conv2"``)."""
+        return dict(
+            kernel_initializer=_kernel_initializer(self.initializer, next(self.seeds)),
+            bias_initializer=_bias_initializer(self.initializer, name),
+            kernel_regularizer=self.regularizer,
+        )
+
+
+def conv_block(x, filters, kernel_size, name, suffix, init, *, strides=1, padding="same",
+               device=None):
+    """``Conv2D`` + ReLU named ``name + suffix`` (``"conv2" + "_a"``).
+
+    ``init`` (a `_WeightSettings`) gives its initializers and kernel regularizer.
+    """
+    return _apply(keras.layers.Conv2D, x, device, name=name + suffix, filters=filters,
+                  kernel_size=kernel_size, strides=strides, padding=padding,
+                  activation="relu", **init(name))
+
+
+def dense_block(x, units, name, suffix, init, *, activation="relu", dtype=None, device=None):
+    """``Dense`` (ReLU unless told otherwise) named ``name + suffix`` (``"fc6" + "_b"``).
+
+    ``init`` (a `_WeightSettings`) gives its initializers and kernel regularizer.
+    """
+    return _apply(keras.layers.Dense, x, device, name=name + suffix, units=units,
+                  activation=activation, dtype=dtype, **init(name))
+
+
+def max_pool(x, name, suffix, device=None):
+    """The paper's overlapping 3x3/2 max pooling, named ``name + suffix``."""
+    return _apply(keras.layers.MaxPooling2D, x, device, name=name + suffix,
+                  pool_size=paper.POOL_SIZE, strides=paper.POOL_STRIDE)
+
+
+def norm_pool(x, stage, suffix, *, use_lrn, device=None):
+    """``norm{stage}`` (LRN, when ``use_lrn``) then ``pool{stage}``, on one tower's maps."""
+    if use_lrn:
+        x = _apply(LocalResponseNormalization, x, device, name=f"norm{stage}{suffix}")
+    return max_pool(x, f"pool{stage}", suffix, device)
+
+
+def lower_tower(x, filters, suffix, init, *, use_lrn, device=None):
+    """conv1 11x11/4 -> norm1 -> pool1 -> conv2 5x5 -> norm2 -> pool2 of one tower.
+
+    ``filters`` are the tower's (conv1, conv2) widths. Each tower reads the whole image
+    but normalises and convolves only its own maps, as on the paper's two GPUs.
+    """
+    conv1_filters, conv2_filters = filters
+    x = conv_block(x, conv1_filters, 11, "conv1", suffix, init, strides=4,
+                   padding="valid", device=device)
+    x = norm_pool(x, 1, suffix, use_lrn=use_lrn, device=device)
+    x = conv_block(x, conv2_filters, 5, "conv2", suffix, init, device=device)
+    return norm_pool(x, 2, suffix, use_lrn=use_lrn, device=device)
+
+
+def upper_tower(x, filters, suffix, init, *, device=None):
+    """conv3 -> conv4 -> conv5 (3x3 each) -> pool5 -> flatten of one tower.
+
+    ``filters`` are the tower's (conv3, conv4, conv5) widths. ``x`` holds both towers'
+    maps (conv3 crosses); conv4 and conv5 read only their own tower's.
+    """
+    for name, tower_filters in zip(("conv3", "conv4", "conv5"), filters):
+        x = conv_block(x, tower_filters, 3, name, suffix, init, device=device)
+    x = max_pool(x, "pool5", suffix, device)
+    return _apply(keras.layers.Flatten, x, device, name=f"flatten{suffix}")
+
+
+def merge(branches, name):
+    """Joins the towers where the paper crosses GPUs; a no-op for one tower."""
+    if len(branches) == 1:
+        return branches[0]
+    return keras.layers.Concatenate(name=name)(branches)
 
 
 @keras.saving.register_keras_serializable(package="keras_alexnet")
@@ -132,7 +249,9 @@ class AlexNet(keras.Model):
             B's activations at each crossing (the paper exchanged them in both
             directions). Per-tower layers are then ``Placed*`` subclasses of the same
             Keras layers, with the same names and weights. ``None`` (the default)
-            leaves placement to TensorFlow.
+            leaves placement to TensorFlow. Placement is not part of `get_config()`:
+            a saved, cloned or ``from_config`` copy is unplaced (pass
+            ``tower_devices`` to the constructor again to place it).
         name: model name.
     """
 
@@ -180,97 +299,29 @@ class AlexNet(keras.Model):
             raise ValueError(f"`weight_decay` must be >= 0. Received: {weight_decay!r}")
 
         suffixes = ("",) if towers == 1 else ("_a", "_b")
-        device_of = dict(zip(suffixes, tower_devices or (None, None)))
-
-        def placed(base, placed_cls, name, **layer_kwargs):
-            # Per-tower layers only; the default model keeps Keras' own classes.
-            device = device_of.get("_" + name.rsplit("_", 1)[-1]) if "_" in name else None
-            if device is None:
-                return base(name=name, **layer_kwargs)
-            layer = placed_cls(name=name, device=device, **layer_kwargs)
-
-            def build_and_call(x):  # variables are created on the device, at build time
-                with tf.device(device):
-                    return layer(x)
-
-            return build_and_call
-
-        regularizer = keras.regularizers.L2(weight_decay / 2.0) if weight_decay else None
-        layer_seed = iter(range(10**6)) if seed is None else iter(range(seed, seed + 10**6))
-
-        def conv(x, filters, kernel, name, strides=1, padding="same"):
-            return placed(
-                keras.layers.Conv2D,
-                PlacedConv2D,
-                name,
-                filters=_scaled(filters, width, towers) // towers,
-                kernel_size=kernel,
-                strides=strides,
-                padding=padding,
-                activation="relu",
-                kernel_initializer=_kernel_initializer(
-                    initializer, None if seed is None else next(layer_seed)
-                ),
-                bias_initializer=_bias_initializer(initializer, name.split("_")[0]),
-                kernel_regularizer=regularizer,
-            )(x)
-
-        def dense(x, units, name, activation="relu", dtype=None):
-            return placed(
-                keras.layers.Dense,
-                PlacedDense,
-                name,
-                units=units,
-                activation=activation,
-                kernel_initializer=_kernel_initializer(
-                    initializer, None if seed is None else next(layer_seed)
-                ),
-                bias_initializer=_bias_initializer(initializer, name.split("_")[0]),
-                kernel_regularizer=regularizer,
-                dtype=dtype,
-            )(x)
-
-        def norm_pool(x, stage, suffix):
-            if use_lrn:
-                x = placed(LocalResponseNormalization, PlacedLocalResponseNormalization,
-                           f"norm{stage}{suffix}")(x)
-            return placed(keras.layers.MaxPooling2D, PlacedMaxPooling2D, f"pool{stage}{suffix}",
-                          pool_size=paper.POOL_SIZE, strides=paper.POOL_STRIDE)(x)
-
-        def merge(branches, name):
-            if len(branches) == 1:
-                return branches[0]
-            return keras.layers.Concatenate(name=name)(branches)
+        branches = list(zip(suffixes, tower_devices or (None,) * towers))  # (suffix, device)
+        conv_filters = [_scaled(f, width, towers) // towers for f in paper.CONV_FILTERS]
+        fc_units = [_scaled(u, width, towers) // towers for u in paper.FC_UNITS]
+        init = _WeightSettings(initializer, seed, weight_decay)
 
         # fc8's variables live on the first tower's device, like the crossing ops.
-        with _device_scope(tower_devices[0] if tower_devices else None):
+        with _device_scope(branches[0][1]):
             images = keras.Input(shape=(image_size, image_size, 3), name="images")
             x = images
             if input_scale is not None:
                 x = keras.layers.Rescaling(input_scale, name="input_scale")(x)
-            c1, c2, c3, c4, c5 = paper.CONV_FILTERS
-            lower = []
-            for s in suffixes:  # each tower sees the whole image but only its own maps
-                y = conv(x, c1, 11, f"conv1{s}", strides=4, padding="valid")
-                y = norm_pool(y, 1, s)
-                y = conv(y, c2, 5, f"conv2{s}")
-                lower.append(norm_pool(y, 2, s))
+            lower = [lower_tower(x, conv_filters[:2], s, init, use_lrn=use_lrn, device=d)
+                     for s, d in branches]
             x = merge(lower, "cross3")  # conv3 reads both towers
-            upper = []
-            for s in suffixes:
-                y = conv(x, c3, 3, f"conv3{s}")
-                y = conv(y, c4, 3, f"conv4{s}")
-                y = conv(y, c5, 3, f"conv5{s}")
-                y = placed(keras.layers.MaxPooling2D, PlacedMaxPooling2D, f"pool5{s}",
-                           pool_size=paper.POOL_SIZE, strides=paper.POOL_STRIDE)(y)
-                upper.append(placed(keras.layers.Flatten, PlacedFlatten, f"flatten{s}")(y))
+            upper = [upper_tower(x, conv_filters[2:], s, init, device=d) for s, d in branches]
             x = merge(upper, "cross6")  # fc6 reads both towers
-            for layer, units in zip(("fc6", "fc7"), paper.FC_UNITS):
-                per_tower = _scaled(units, width, towers) // towers
-                x = merge([dense(x, per_tower, f"{layer}{s}") for s in suffixes], f"cross_{layer}")
-                x = keras.layers.Dropout(dropout_rate, name=f"drop{layer[2:]}")(x)
+            for stage, units in zip((6, 7), fc_units):
+                x = merge([dense_block(x, units, f"fc{stage}", s, init, device=d)
+                           for s, d in branches], f"cross_fc{stage}")
+                x = keras.layers.Dropout(dropout_rate, name=f"drop{stage}")(x)
             # Logits in float32 so that softmax and the loss stay float32 under mixed precision.
-            logits = dense(x, num_classes, "fc8", activation=None, dtype="float32")
+            logits = dense_block(x, num_classes, "fc8", "", init, activation=None,
+                                 dtype="float32")
 
         super().__init__(inputs=images, outputs=logits, name=name, **kwargs)
         self.num_classes = num_classes
@@ -283,7 +334,7 @@ class AlexNet(keras.Model):
         self.input_scale = input_scale
         self.weight_decay = weight_decay
         self.seed = seed
-        self.tower_devices = tower_devices
+        self.tower_devices = tower_devices  # not in get_config(): see there
 
     def call(self, inputs, training=None, mask=None, **kwargs):
         """Logits ``[batch, num_classes]``; outside training an empty batch returns
@@ -313,6 +364,13 @@ class AlexNet(keras.Model):
             )
 
     def get_config(self):
+        """The constructor's arguments less ``tower_devices``.
+
+        Device names describe the machine a model runs on, not the model: a config
+        (and so a ``.keras`` file or an export) carrying them would place the copy on
+        devices that may not exist where it is loaded. `from_config` builds an unplaced
+        model; pass ``tower_devices`` to the constructor to place one.
+        """
         return {
             "name": self.name,
             "trainable": self.trainable,
@@ -326,11 +384,13 @@ class AlexNet(keras.Model):
             "input_scale": self.input_scale,
             "weight_decay": self.weight_decay,
             "seed": self.seed,
-            "tower_devices": self.tower_devices,
         }
 
     @classmethod
     def from_config(cls, config):
+        """An unplaced `AlexNet`; configs saved before placement left them may still hold
+        ``tower_devices``, which is ignored."""
+        config = {k: v for k, v in config.items() if k != "tower_devices"}
         return cls(**config)
 
 

@@ -1,5 +1,8 @@
 """The AlexNet builder: sizes, names, initialisation, gradients, towers, serialization."""
 
+import json
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -97,7 +100,8 @@ def test_gradient_reaches_every_weight():
         logits = model(x, training=True)
         loss = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
     grads = tape.gradient(loss, model.trainable_weights)
-    assert len(grads) == len(model.trainable_weights) == 2 * 14 + 2  # 7 layers per tower + fc8, kernel and bias each
+    # 7 layers per tower (conv1-conv5, fc6, fc7) and fc8, a kernel and a bias each.
+    assert len(grads) == len(model.trainable_weights) == 2 * 14 + 2
     for weight, grad in zip(model.trainable_weights, grads):
         assert grad is not None and np.any(grad.numpy() != 0), weight.path
 
@@ -112,6 +116,27 @@ def test_keras_save_load_round_trip(tmp_path):
     x = np.random.default_rng(0).normal(0, 50, (3, 67, 67, 3)).astype(np.float32)
     np.testing.assert_array_equal(model.predict(x, verbose=0), loaded.predict(x, verbose=0))
     assert len(loaded.losses) == len(model.losses) == 15  # L2 on every kernel, no bias
+
+
+def test_config_of_a_placed_model_holds_no_devices_and_round_trips():
+    placed = tiny(tower_devices=("/cpu:0", "/cpu:0"))
+    assert placed.get_layer("conv1_b").device == "/cpu:0"  # placed ...
+    config = placed.get_config()
+    assert "tower_devices" not in config  # ... but the config does not say so
+    assert config == tiny().get_config()
+    saved = json.dumps(keras.saving.serialize_keras_object(placed))  # what .keras holds
+    assert not re.search(r"cpu|gpu|tpu|device", saved, re.IGNORECASE), saved
+    clone = AlexNet.from_config(config)
+    assert clone.tower_devices is None
+    assert not any(type(layer).__name__.startswith("Placed") for layer in clone.layers)
+    assert [(w.path, tuple(w.shape)) for w in clone.weights] == [
+        (w.path, tuple(w.shape)) for w in placed.weights]
+    clone.set_weights(placed.get_weights())  # same order: a checkpoint of one loads into the other
+    x = np.random.default_rng(0).normal(0, 50, (2, 67, 67, 3)).astype(np.float32)
+    np.testing.assert_array_equal(clone(x), placed(x))
+    # A config saved when placement was still part of it loads unplaced.
+    old = AlexNet.from_config({**config, "tower_devices": ("/gpu:0", "/gpu:1")})
+    assert old.tower_devices is None
 
 
 def _outputs(model, names, x):
