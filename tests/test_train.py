@@ -5,7 +5,9 @@ import json
 
 import pytest
 
-from keras_alexnet import trainer
+from keras_alexnet.training import loop
+from keras_alexnet.training.run_dir import RunDirectory
+from keras_alexnet.training.schedule import PlateauSchedule
 from keras_alexnet.training.config import PRESETS, TrainConfig
 from training import train
 
@@ -16,7 +18,7 @@ def smoke_config(data_dir, **overrides):
 
 def test_short_run_learns_far_above_chance(shapes_data_dir, tmp_path):
     config = smoke_config(shapes_data_dir, width=0.25, epochs=8)
-    summary = trainer.run(config, tmp_path / "run", tmp_path / "models", verbose=0)
+    summary = loop.train(config, tmp_path / "run", tmp_path / "models", verbose=0)
     # 10 balanced classes: chance is 10% top-1 and 50% top-5 (this run reaches ~50% / 99%).
     assert summary["val_top1"] >= 0.3, summary
     assert summary["val_top5"] >= 0.8, summary
@@ -52,39 +54,35 @@ def test_cli_overrides_preset():
 def test_interrupted_run_resumes_where_it_stopped(shapes_data_dir, tmp_path, monkeypatch):
     argv = ["--preset", "smoke", "--data-dir", shapes_data_dir, "--epochs", "3",
             "--run-dir", str(tmp_path / "run"), "--export-dir", str(tmp_path / "models"),
-            "--quiet"]
-    original = trainer.AtomicCheckpoint.on_epoch_end
+            "--checkpoint-every", "0", "--quiet"]
+    original = RunDirectory.save
 
-    def crash_after_second_epoch(self, epoch, logs=None):
-        original(self, epoch, logs)
-        if epoch == 1:
+    def interrupt_after_second_epoch(self, checkpoint, state, keep, **kwargs):
+        committed = original(self, checkpoint, state, keep, **kwargs)
+        if committed.epoch == 2:
             raise KeyboardInterrupt("simulated interruption")
+        return committed
 
-    monkeypatch.setattr(trainer.AtomicCheckpoint, "on_epoch_end", crash_after_second_epoch)
+    monkeypatch.setattr(RunDirectory, "save", interrupt_after_second_epoch)
     with pytest.raises(KeyboardInterrupt):
         train.main(argv)
     state = json.loads((tmp_path / "run" / "state.json").read_text())
-    assert state["epoch"] == 2
+    assert (state["epoch"], state["step"], state["global_step"]) == (2, 0, 60)
     assert not (tmp_path / "models").exists()  # nothing exported from an unfinished run
     checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
-    assert checkpoints == ["epoch_0001.keras", "epoch_0002.keras"]  # no temporary files
+    assert checkpoints == ["ckpt-30.data-00000-of-00001", "ckpt-30.index",
+                           "ckpt-60.data-00000-of-00001", "ckpt-60.index"]
 
-    monkeypatch.setattr(trainer.AtomicCheckpoint, "on_epoch_end", original)
-    seen = []
-    real_fit = trainer.keras.Model.fit
-
-    def recording_fit(self, *args, **kwargs):
-        seen.append(kwargs["initial_epoch"])
-        return real_fit(self, *args, **kwargs)
-
-    monkeypatch.setattr(trainer.keras.Model, "fit", recording_fit)
+    monkeypatch.setattr(RunDirectory, "save", original)
     summary = train.main(argv)
-    assert seen == [2]
     rows = (tmp_path / "run" / "history.csv").read_text().splitlines()[1:]
     assert [row.split(",")[0] for row in rows] == ["0", "1", "2"]
     assert summary["export_path"].endswith("1")
+    assert json.loads((tmp_path / "run" / "state.json").read_text())["checkpoints"] == [
+        "ckpt-60", "ckpt-90"]  # keeps the newest two
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
-        "epoch_0002.keras", "epoch_0003.keras"]  # keeps the newest two
+        "ckpt-60.data-00000-of-00001", "ckpt-60.index",
+        "ckpt-90.data-00000-of-00001", "ckpt-90.index"]
 
 
 def test_resuming_with_a_different_configuration_is_refused(shapes_data_dir, tmp_path):
@@ -92,27 +90,50 @@ def test_resuming_with_a_different_configuration_is_refused(shapes_data_dir, tmp
     run_dir.mkdir()
     (run_dir / "config.json").write_text(smoke_config(shapes_data_dir, width=0.5).to_json())
     with pytest.raises(ValueError, match="width: 0.5 -> 0.125"):
-        trainer.run(smoke_config(shapes_data_dir), run_dir, tmp_path / "models", verbose=0)
+        loop.train(smoke_config(shapes_data_dir), run_dir, tmp_path / "models", verbose=0)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json"]  # nothing written
+
+
+def test_old_run_directories_are_refused_with_a_clear_error(shapes_data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.json").write_text(smoke_config(shapes_data_dir).to_json())
+    (run_dir / "checkpoints" / "epoch_0001.keras").write_bytes(b"old")
+    with pytest.raises(ValueError, match="older release.*new --run-dir"):
+        loop.train(smoke_config(shapes_data_dir), run_dir, tmp_path / "models", verbose=0)
 
 
 def test_plateau_schedule_divides_by_ten_at_most_three_times():
     """The paper's schedule: lr / 10 when validation top-1 stops improving, 3 times at most."""
-    import keras
-
-    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
-    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.01, momentum=0.9), loss="mse")
-    schedule = trainer.PlateauSchedule(max_drops=3, patience=2)
-    schedule.set_model(model)
+    schedule = PlateauSchedule(max_drops=3, patience=2)
     val_top1 = [0.1, 0.2, 0.2, 0.15, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3]
-    lrs = []
-    for epoch, value in enumerate(val_top1):
-        logs = {"val_top1": value}
-        schedule.on_epoch_end(epoch, logs)
-        lrs.append(float(model.optimizer.learning_rate.numpy()))
-        assert logs["lr"] == pytest.approx(lrs[-2] if epoch else 0.01)  # logged before a drop
+    lr, lrs = 0.01, []
+    for value in val_top1:
+        lr = schedule.update(value, lr)
+        lrs.append(lr)
     # Drops after 2 epochs without a new best (epochs 3, 6, 8); never a fourth.
-    assert lrs == pytest.approx([0.01] * 3 + [1e-3] * 3 + [1e-4] * 2 + [1e-5] * 5, rel=1e-6)
+    assert lrs == pytest.approx([0.01] * 3 + [1e-3] * 3 + [1e-4] * 2 + [1e-5] * 5, rel=1e-9)
     assert schedule.get_state() == {"best": 0.3, "wait": 4, "drops": 3}
-    resumed = trainer.PlateauSchedule(max_drops=3, patience=2)
-    resumed.set_state(schedule.get_state())
-    assert resumed.get_state() == schedule.get_state()
+
+
+def test_plateau_schedule_resumed_from_its_state_continues_the_same_way():
+    """A schedule restored mid-plateau makes the decisions the uninterrupted one makes."""
+    values = [0.5, 0.4, 0.45, 0.6, 0.55, 0.58, 0.59, 0.7, 0.6, 0.6, 0.6]
+    uninterrupted, lr, expected = PlateauSchedule(max_drops=2, patience=2), 1.0, []
+    for value in values:
+        lr = uninterrupted.update(value, lr)
+        expected.append(lr)
+    first = PlateauSchedule(max_drops=2, patience=2)
+    lr, actual = 1.0, []
+    for value in values[:5]:  # stop in the middle of a plateau (wait == 2)
+        lr = first.update(value, lr)
+        actual.append(lr)
+    saved = json.loads(json.dumps(first.get_state()))  # as state.json stores it
+    assert saved["wait"] == 1 and saved["drops"] == 1
+    resumed = PlateauSchedule(max_drops=2, patience=2)
+    resumed.set_state(saved)
+    for value in values[5:]:
+        lr = resumed.update(value, lr)
+        actual.append(lr)
+    assert actual == expected
+    assert expected == pytest.approx([1.0, 1.0, 0.1, 0.1, 0.1] + [0.01] * 6, rel=1e-12)
