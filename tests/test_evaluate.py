@@ -106,3 +106,56 @@ def test_cli_on_a_checkpoint_and_on_its_saved_model(tmp_path):
     for key in ("centre_top1_error", "centre_top5_error", "ten_crop_top1_error",
                 "ten_crop_top5_error"):
         assert exported[key] == summary[key], key
+
+
+@pytest.mark.slow
+def test_cli_on_a_training_run_and_its_checkpoint(shapes_data_dir, tmp_path):
+    """`alexnet-evaluate <run>` reads the run's own checkpoint format; its centre-crop
+    error is the training loop's final validation error (the same preprocessing)."""
+    import dataclasses
+    import json
+
+    from keras_alexnet.training import loop
+    from keras_alexnet.training.config import PRESETS
+    from training import evaluate
+
+    config = dataclasses.replace(PRESETS["smoke"], data_dir=shapes_data_dir, epochs=1)
+    trained = loop.train(config, tmp_path / "run", tmp_path / "models", verbose=0,
+                         do_export=False)
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    args = ["--csv", str(tmp_path / "c.csv"), "--batch-size", "20"]
+    from_run = evaluate.main([str(tmp_path / "run"), *args])
+    checkpoint = tmp_path / "run" / "checkpoints" / state["checkpoints"][-1]
+    from_checkpoint = evaluate.main([str(checkpoint), *args])
+    from_run.pop("seconds"), from_checkpoint.pop("seconds")
+    assert from_run == from_checkpoint
+    assert from_run["images"] == 100
+    assert from_run["centre_top1_error"] == pytest.approx(1 - trained["val_top1"], abs=1e-6)
+    assert from_run["centre_top5_error"] == pytest.approx(1 - trained["val_top5"], abs=1e-6)
+
+    with pytest.raises(SystemExit, match="no checkpoint ckpt-7"):
+        evaluate.main([str(checkpoint.with_name("ckpt-7")), *args])
+
+
+def test_commands_end_with_an_exit_status_not_a_printed_summary(tmp_path):
+    """The console scripts call `cli`, which returns 0: ``sys.exit(summary_dict)`` would
+    print the raw dict as the last line a user sees."""
+    import configparser
+    import pathlib
+
+    from training import evaluate, train
+
+    setup = configparser.ConfigParser()
+    setup.read(pathlib.Path(__file__).parents[1] / "setup.cfg")
+    scripts = setup["options.entry_points"]["console_scripts"]
+    assert "alexnet-train = training.train:cli" in scripts
+    assert "alexnet-evaluate = training.evaluate:cli" in scripts
+    calls = []
+    for module in (train, evaluate):
+        original = module.main
+        module.main = lambda argv=None: calls.append(argv) or {"val_top1": 0.5}
+        try:
+            assert module.cli() == 0
+        finally:
+            module.main = original
+    assert len(calls) == 2

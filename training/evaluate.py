@@ -1,18 +1,21 @@
-"""Evaluate an AlexNet checkpoint or SavedModel: top-1/top-5 error, centre crop and 10 crops.
+"""Evaluate an AlexNet run, checkpoint or SavedModel: top-1/top-5 error, centre crop and
+10 crops.
 
-    alexnet-evaluate runs/paper-imagenet2012/checkpoints/epoch-090.keras \\
-        --dataset imagenet2012 --data-dir ~/tensorflow_datasets
+    alexnet-evaluate runs/paper-imagenet2012                    # its newest checkpoint
+    alexnet-evaluate runs/paper-imagenet2012/checkpoints/ckpt-900900
     alexnet-evaluate models/alexnet/3 --dataset folder:~/pets --val-split 0.1
 
 Prints the errors as in the paper's tables (Sec. 6) and writes per-class accuracies to a
-CSV file. The model is either a ``.keras`` file saved by training or an exported
-SavedModel version directory (its ``serving_pixels`` signature; a base directory picks
-its newest version). The mean subtracted before the model must be the one it was
-trained with: by default it is read from the SavedModel's export metadata or from the
-run's ``config.json`` next to a checkpoint, and ``--mean`` overrides it.
+CSV file. The model is a training run directory (its newest committed checkpoint), one
+of its checkpoints (``<run>/checkpoints/ckpt-<step>``, as training names them), an
+exported SavedModel version directory (its ``serving_pixels`` signature; a base
+directory picks its newest version) or a ``.keras`` file. For a run or checkpoint the
+dataset and the mean come from the run's ``config.json``; for a SavedModel the mean
+comes from its export metadata. ``--dataset`` and ``--mean`` override them.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -27,8 +30,9 @@ def build_parser():
                     "crop and for 10 crops (4 corners + centre, mirrored; softmax averaged).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("model", help="a .keras checkpoint, or a SavedModel version directory "
-                                      "(or its base directory: newest version)")
+    parser.add_argument("model", help="a training run directory (newest checkpoint), one of "
+                                      "its checkpoints/ckpt-N, a SavedModel version directory "
+                                      "(or its base directory: newest version) or a .keras file")
     data = parser.add_argument_group("data")
     data.add_argument("--dataset",
                       help="alexnet_shapes, alexnet_shapes/tiny, imagenet2012 or folder:PATH "
@@ -51,21 +55,29 @@ def build_parser():
 
 
 def _newest_version(path):
+    from keras_alexnet import files
+
     if (path / "saved_model.pb").is_file():
         return path
-    versions = sorted((int(p.name), p) for p in path.iterdir() if p.is_dir() and p.name.isdigit())
+    versions = files.list_versions(path)
     if not versions:
-        raise SystemExit(f"error: {path} is neither a .keras file nor a SavedModel directory")
-    return versions[-1][1]
+        raise SystemExit(f"error: {path} is not a training run, a checkpoint, a SavedModel "
+                         "version (or base) directory or a .keras file")
+    return path / str(versions[-1])
 
 
-def _run_config(checkpoint):
-    """The training run's config.json for a checkpoint in ``<run>/checkpoints/``, or {}."""
-    for parent in list(checkpoint.parents)[:2]:
-        config = parent / "config.json"
-        if config.is_file():
-            return json.loads(config.read_text())
-    return {}
+def _run_and_checkpoint(path):
+    """``(RunDirectory, checkpoint name)`` when ``path`` is a run directory (newest
+    checkpoint: ``None``) or a checkpoint prefix inside one; else ``None``."""
+    from keras_alexnet.training.run_dir import CHECKPOINT_PREFIX, RunDirectory
+
+    if (path / "config.json").is_file():
+        return RunDirectory(path), None
+    if path.name.startswith(CHECKPOINT_PREFIX) and path.parent.name == "checkpoints":
+        if not path.with_name(path.name + ".index").is_file():
+            raise SystemExit(f"error: no checkpoint {path.name} in {path.parent}")
+        return RunDirectory(path.parent.parent), path.name
+    return None
 
 
 def _parse_mean(text):
@@ -87,13 +99,22 @@ def load_model(path):
     from keras_alexnet.training import evaluation
 
     path = pathlib.Path(path).expanduser()
-    if path.is_file():
-        model = keras.saving.load_model(path)
-        config = _run_config(path)
-        mean = config.get("mean", "imagenet")
+    found = _run_and_checkpoint(path)
+    if found is not None:
+        run, name = found
+        try:
+            model = run.load_model(name)
+        except (FileNotFoundError, ValueError) as error:
+            raise SystemExit(f"error: {error}") from None
+        config = dataclasses.asdict(run.read_config())
         num_outputs = int(model.output_shape[-1])
         return (lambda num_classes: (evaluation.keras_predictor(model), num_outputs),
-                int(model.input_shape[1]), mean, config)
+                int(model.input_shape[1]), config.get("mean", "imagenet"), config)
+    if path.is_file():
+        model = keras.saving.load_model(path)
+        num_outputs = int(model.output_shape[-1])
+        return (lambda num_classes: (evaluation.keras_predictor(model), num_outputs),
+                int(model.input_shape[1]), "imagenet", {})
     version = _newest_version(path)
     loaded = tf.saved_model.load(str(version))
     meta = evaluation.saved_model_metadata(version)
@@ -156,5 +177,11 @@ def main(argv=None):
     return summary
 
 
+def cli():
+    """The ``alexnet-evaluate`` command: `main`, with an exit status instead of the summary."""
+    main()
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    sys.exit(cli())

@@ -177,5 +177,11 @@ def main(argv=None):
     return summary
 
 
+def cli():
+    """The ``alexnet-train`` command: `main`, with an exit status instead of the summary."""
+    main()
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    sys.exit(cli())
