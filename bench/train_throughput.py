@@ -4,8 +4,9 @@
     python bench/train_throughput.py --image-size 67 --width 0.125 \\
         --batch-sizes 16 --warmup 1 --steps 3             # a quick check on a CPU
 
-For each batch size it times ``model.fit`` steps (the trainer's own compile: SGD with
-momentum, the paper's L2 weight decay, top-1/top-5 metrics) in three modes: fp32,
+For each batch size it times the training loop's own step
+(`keras_alexnet.training.loop.make_train_step`: SGD with momentum, the paper's L2 weight
+decay, top-1/top-5 sums) in three modes: fp32,
 mixed precision (``mixed_float16`` with loss scaling on a GPU, ``mixed_bfloat16`` on a
 CPU, or ``--policy``), and mixed precision with XLA (``jit_compile=True``). Inputs
 are one random batch repeated, so the input pipeline costs nothing. Each result is a
@@ -25,7 +26,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from keras_alexnet import trainer  # noqa: E402
+from keras_alexnet.training import loop  # noqa: E402
 from keras_alexnet.training.config import PRESETS  # noqa: E402
 
 
@@ -41,14 +42,22 @@ def measure(config, batch, warmup, steps, num_classes=1000):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch, config.image_size, config.image_size, 3)).astype("float32")
     y = rng.integers(0, num_classes, size=batch)
-    data = tf.data.Dataset.from_tensors((x, y)).repeat().prefetch(2)
-    with trainer.precision_policy(config.mixed_precision):
-        model = trainer.compile_model(trainer.build_model(config, num_classes), config)
-        model.fit(data, epochs=1, steps_per_epoch=warmup, verbose=0)  # trace and compile
+    batch_data = (tf.constant(x), tf.constant(y))
+    strategy = tf.distribute.get_strategy()
+    with loop.precision_policy(config.mixed_precision):
+        model = loop.build_model(config, num_classes)
+        optimizer = loop.build_optimizer(config)
+        optimizer.build(model.trainable_variables)
+        step = loop.make_train_step(model, optimizer, strategy, batch, config.jit_compile)
+        for _ in range(warmup):  # trace and compile
+            sums = step(batch_data)
+        sums.numpy()
         start = time.perf_counter()
-        history = model.fit(data, epochs=1, steps_per_epoch=steps, verbose=0)
+        for _ in range(steps):
+            sums = step(batch_data)
+        loss = float(sums.numpy()[0] / batch)  # waits for the last step
         seconds = time.perf_counter() - start
-    return batch * steps / seconds, float(history.history["loss"][-1])
+    return batch * steps / seconds, loss
 
 
 def main(argv=None):
