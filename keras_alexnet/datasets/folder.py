@@ -214,7 +214,7 @@ def load_folder(spec, data_dir=None, val_split=None, seed=0, **_):
             validation class is not a training class, or neither a ``val`` folder nor
             ``val_split`` is given (or both are).
     """
-    from keras_alexnet.datasets import DatasetSource
+    from keras_alexnet.datasets.source import DatasetSource
 
     root = pathlib.Path(spec[len(PREFIX):] if spec.startswith(PREFIX) else spec).expanduser()
     if not root.is_dir():

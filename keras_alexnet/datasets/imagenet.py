@@ -87,7 +87,7 @@ def load_imagenet(data_dir=None, manual_dir=None, seed=0, **_):
     """
     import tensorflow_datasets as tfds
 
-    from keras_alexnet.datasets import DatasetSource
+    from keras_alexnet.datasets.source import DatasetSource
 
     builder = tfds.builder(NAME, data_dir=data_dir)
     if not _is_prepared(builder):
