@@ -53,7 +53,7 @@ def measure(folder, cores, seconds, batch_size, max_side, stage):
     if stage == "train":
         ds = input_pipeline.training_dataset(source, batch_size, seed=0, shuffle_buffer=len(files))
     else:  # decode only, for reference
-        ds = source.map(lambda b, l: (tf.shape(preprocessing.decode_image(b)), l),
+        ds = source.map(lambda b, y: (tf.shape(preprocessing.decode_image(b)), y),
                         num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
     options = tf.data.Options()
     options.threading.private_threadpool_size = cores

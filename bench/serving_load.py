@@ -140,8 +140,11 @@ def main(argv=None):
         return 0
 
     import grpc
-    from tensorflow_serving.apis import (get_model_status_pb2, model_service_pb2_grpc,
-                                         prediction_service_pb2_grpc)
+    from tensorflow_serving.apis import (
+        get_model_status_pb2,
+        model_service_pb2_grpc,
+        prediction_service_pb2_grpc,
+    )
 
     from serving.client import build_predict_request
 
@@ -160,8 +163,8 @@ def main(argv=None):
     address = f"127.0.0.1:{port}"
     child = subprocess.Popen(
         [sys.executable, __file__, "--exporter", str(base), str(args.seconds),
-         str(args.export_every), str(int(args.copy))], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        text=True)
+         str(args.export_every), str(int(args.copy))],
+        cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     images = [p.read_bytes() for p in PHOTOS[: args.batch]] * (
         1 + args.batch // max(1, len(PHOTOS)))
     request = build_predict_request(images[: args.batch], model="alexnet")

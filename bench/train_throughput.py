@@ -22,12 +22,12 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import keras
+import numpy as np
+import tensorflow as tf
 
-from keras_alexnet.training import loop  # noqa: E402
-from keras_alexnet.training.config import PRESETS  # noqa: E402
+from keras_alexnet.training import loop
+from keras_alexnet.training.config import PRESETS
 
 
 def device_name():

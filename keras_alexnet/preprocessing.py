@@ -177,7 +177,7 @@ def ten_crop(square, size):
     far = side - size
     mid = far // 2
     offsets = [(mid, mid), (0, 0), (0, far), (far, 0), (far, far)]
-    crops = tf.stack([square[t : t + size, l : l + size, :] for t, l in offsets])
+    crops = tf.stack([square[top : top + size, left : left + size, :] for top, left in offsets])
     crops = tf.concat([crops, tf.reverse(crops, axis=[2])], axis=0)
     crops.set_shape([10, size, size, 3])
     return crops

@@ -8,9 +8,9 @@ never replaces a serving one. Requests hold a reference to the `Servable` they r
 unload never breaks a request in flight.
 """
 
+import heapq
 import logging
 import os
-import heapq
 import re
 import threading
 import time

@@ -303,15 +303,15 @@ def _content_proto(array, dtype):
 def _to_json(array, alias):
     if array.dtype == object:
         if alias.endswith("_bytes"):
-            convert = lambda v: {"b64": base64.b64encode(v).decode("ascii")}  # noqa: E731
+            convert = lambda v: {"b64": base64.b64encode(v).decode("ascii")}  # noqa: E731  one-line converters
         else:
-            convert = lambda v: v.decode("utf-8", "replace")  # noqa: E731
+            convert = lambda v: v.decode("utf-8", "replace")  # noqa: E731  one-line converters
     elif array.dtype.kind == "f":
         convert = lambda v: float(str(v))  # noqa: E731  shortest float32 text
     elif array.dtype.kind == "b":
         convert = bool
     elif array.dtype.kind == "c":
-        convert = lambda v: [float(v.real), float(v.imag)]  # noqa: E731
+        convert = lambda v: [float(v.real), float(v.imag)]  # noqa: E731  one-line converters
     else:
         convert = int
     if array.ndim == 0:
@@ -509,7 +509,7 @@ class RestApi:
         instances = "instances" in request
         request.pop("instances", None)
         request.pop("inputs", None)
-        value = rows = None  # noqa: F841
+        value = rows = None
         response = self.runner.predict(_inference.Pinned(servable), predict, deadline)
         outputs = {alias: to_ndarray(t, None, None) for alias, t in response.outputs.items()}
         if instances:
@@ -794,10 +794,10 @@ def make_http_server(api, host, port, *, max_body_bytes=DEFAULT_MAX_BODY_BYTES,
                 self.state.busy = False
                 running.release()
 
-        def do_GET(self):  # noqa: N802
+        def do_GET(self):
             self._answer("GET")
 
-        def do_POST(self):  # noqa: N802
+        def do_POST(self):
             self._answer("POST")
 
         def _not_allowed(self):
@@ -810,7 +810,7 @@ def make_http_server(api, host, port, *, max_body_bytes=DEFAULT_MAX_BODY_BYTES,
                 return self._not_allowed
             raise AttributeError(name)
 
-        def log_message(self, format, *args):  # noqa: A002
+        def log_message(self, format, *args):
             pass
 
     return RestHTTPServer((host, port), Handler, close_timeout_s=close_timeout_s)

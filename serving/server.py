@@ -79,23 +79,23 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         self.manager, self.runner = manager, runner
 
     @_handler
-    def Predict(self, request, context):  # noqa: N802
+    def Predict(self, request, context):
         return self.runner.predict(self.manager, request, _deadline(context))
 
     @_handler
-    def Classify(self, request, context):  # noqa: N802
+    def Classify(self, request, context):
         return self.runner.classify(self.manager, request, _deadline(context))
 
     @_handler
-    def Regress(self, request, context):  # noqa: N802
+    def Regress(self, request, context):
         return self.runner.regress(self.manager, request, _deadline(context))
 
     @_handler
-    def MultiInference(self, request, context):  # noqa: N802
+    def MultiInference(self, request, context):
         return self.runner.multi_inference(self.manager, request, _deadline(context))
 
     @_handler
-    def GetModelMetadata(self, request, context):  # noqa: N802
+    def GetModelMetadata(self, request, context):
         return _inference.get_model_metadata(self.manager, request)
 
 
@@ -106,10 +106,10 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
         self.manager = manager
 
     @_handler
-    def GetModelStatus(self, request, context):  # noqa: N802
+    def GetModelStatus(self, request, context):
         return _inference.get_model_status(self.manager, request)
 
-    def HandleReloadConfigRequest(self, request, context):  # noqa: N802
+    def HandleReloadConfigRequest(self, request, context):
         """Validates, applies, then waits (bounded by the client's deadline and
         `--reload_config_timeout_seconds`) for the new models; loading runs on the manager's
         threads and a second concurrent reload answers ABORTED, so reloads cannot tie up the
@@ -372,7 +372,7 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog="alexnet-serve", description="TF Serving compatible model server (Python).")
 
-    def flag(name, default, kind=str, help=None):  # noqa: A002
+    def flag(name, default, kind=str, help=None):
         if kind is bool:
             parser.add_argument(name, type=_bool, nargs="?", const=True, default=default,
                                 help=help)

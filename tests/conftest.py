@@ -5,7 +5,7 @@ import pathlib
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import pytest  # noqa: E402
+import pytest
 
 DATA = pathlib.Path(__file__).parent / "data"
 IMAGES = sorted((DATA / "images").iterdir())

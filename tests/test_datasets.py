@@ -11,8 +11,8 @@ import tensorflow as tf
 from PIL import Image
 
 from keras_alexnet import datasets, preprocessing
-from keras_alexnet.training import input_pipeline, mean_image
 from keras_alexnet.datasets import folder
+from keras_alexnet.training import input_pipeline, mean_image
 
 DATA = pathlib.Path(__file__).parent / "data"
 IMAGES = sorted((DATA / "images").iterdir())
@@ -146,7 +146,7 @@ def test_held_out_split_is_stratified_and_seeded(tmp_path):
         datasets.load(f"folder:{root}", data_dir=str(tmp_path / "cache"))
     source = datasets.load(f"folder:{root}", data_dir=str(tmp_path / "cache"), val_split=0.25)
     assert (source.num_train, source.num_validation) == (6, 2)
-    val_labels = sorted(int(l) for _, l in source.validation.as_numpy_iterator())
+    val_labels = sorted(int(y) for _, y in source.validation.as_numpy_iterator())
     assert val_labels == [0, 1]  # one per class
     again = datasets.load(f"folder:{root}", data_dir=str(tmp_path / "cache"), val_split=0.25,
                           seed=9)  # the training seed does not move the held-out files

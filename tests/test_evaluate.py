@@ -1,9 +1,9 @@
 """Centre-crop and 10-crop evaluation: the crops, the metrics, the CLI on both model formats."""
 
 import csv
-import warnings
 import pathlib
 import shutil
+import warnings
 
 import numpy as np
 import pytest

@@ -83,19 +83,20 @@ def test_real_builder_prepares_the_miniature_archives_and_trains_one_step(tmp_pa
     assert source.class_names[0] == "n01440764"
     assert source.display_names[0] == "n01440764 tench"
 
-    train_labels = sorted(int(l) for _, l in source.train.as_numpy_iterator())
+    train_labels = sorted(int(y) for _, y in source.train.as_numpy_iterator())
     want = sorted(source.class_names.index(s) for s in ("n01871265", "n02817516", "n03796401")
                   for _ in range(2))
     assert train_labels == want
     val = list(source.validation.as_numpy_iterator())
-    assert sorted(source.class_names[l] for _, l in val) == sorted(VAL_LABELS)
+    assert sorted(source.class_names[y] for _, y in val) == sorted(VAL_LABELS)
     # Every stored image decodes to RGB, the CMYK training JPEG included.
     for image_bytes, _ in list(source.train.as_numpy_iterator()) + val:
         assert preprocessing.decode_image(image_bytes).shape[-1] == 3
     # Nothing is cached in memory: TFDS would auto-cache a dataset this small.
     policy = tf.data.experimental.ExternalStatePolicy.WARN
     for split in (source.train, source.validation):
-        assert b"CacheDataset" not in split._as_serialized_graph(external_state_policy=policy).numpy()
+        graph = split._as_serialized_graph(external_state_policy=policy).numpy()
+        assert b"CacheDataset" not in graph
     batch = next(iter(input_pipeline.training_dataset(source.train, 2, image_size=67)))
     assert batch[0].shape == (2, 67, 67, 3) and np.isfinite(batch[0].numpy()).all()
 

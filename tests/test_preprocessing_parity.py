@@ -68,8 +68,8 @@ def test_training_path_gives_the_same_pixels(encoded, reference):
     for crop, label in zip(pixels.numpy(), labels.numpy()):
         square = preprocessing.subtract_mean(preprocessing.resize_to_square(
             preprocessing.decode_image(encoded[label]), side), MEAN).numpy()
-        windows = [square[t:t + SIZE, l:l + SIZE] for t in range(side - SIZE + 1)
-                   for l in range(side - SIZE + 1)]
+        windows = [square[top:top + SIZE, left:left + SIZE] for top in range(side - SIZE + 1)
+                   for left in range(side - SIZE + 1)]
         best = min(min(np.abs(w - crop).max(), np.abs(w[:, ::-1] - crop).max()) for w in windows)
         assert best < 1e-3, FILES[label].name
 

@@ -14,6 +14,13 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
+from _serving_fixtures import (
+    IMAGES,
+    ServerProcess,
+    copy_version,
+    tiny_version,
+    write_half_plus_two,
+)
 from tensorflow.core.example import example_pb2
 from tensorflow.core.framework import types_pb2
 from tensorflow_serving.apis import (
@@ -29,13 +36,6 @@ from tensorflow_serving.apis import (
 
 from serving import client as serving_client
 from serving._tensors import from_ndarray
-from _serving_fixtures import (
-    IMAGES,
-    ServerProcess,
-    copy_version,
-    tiny_version,
-    write_half_plus_two,
-)
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND

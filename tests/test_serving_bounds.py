@@ -15,6 +15,7 @@ import tracemalloc
 import grpc
 import numpy as np
 import pytest
+from _serving_fixtures import TINY, ServerProcess, copy_version, tiny_version
 from tensorflow.core.framework import tensor_pb2, types_pb2
 from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
@@ -29,7 +30,6 @@ from serving._tensors import (
     TensorParseError,
     to_ndarray,
 )
-from _serving_fixtures import TINY, ServerProcess, copy_version, tiny_version
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 # Peak RSS (VmHWM) of the server process, TF and the tiny model included: about 620 MiB when

@@ -13,6 +13,7 @@ import time
 import grpc
 import numpy as np
 import pytest
+from _serving_fixtures import ServerProcess, copy_version, write_half_plus_two
 from tensorflow_serving.apis import (
     get_model_status_pb2,
     model_management_pb2,
@@ -23,7 +24,6 @@ from tensorflow_serving.apis import (
 from tensorflow_serving.config import model_server_config_pb2
 
 from serving._tensors import from_ndarray
-from _serving_fixtures import ServerProcess, copy_version, write_half_plus_two
 
 State = get_model_status_pb2.ModelVersionStatus.State
 POLL_S, RETRY_S, RETRIES, RELOAD_CAP_S = 0.3, 0.2, 100, 4

@@ -255,7 +255,7 @@ def test_http_layer_errors_are_json(http):
 class _OneModel:
     """A manager whose every model has a `serving_default` taking float `x`."""
 
-    class servable:  # noqa: N801
+    class servable:
         signature = meta_graph_pb2.SignatureDef()
         signature.inputs["x"].dtype = types_pb2.DT_FLOAT
         signature_defs = {"serving_default": signature}

@@ -8,9 +8,9 @@ import socket
 import time
 
 import pytest
+from _serving_fixtures import ServerProcess, write_half_plus_two
 
 from serving.server import build_parser
-from _serving_fixtures import ServerProcess, write_half_plus_two
 
 GRACE_S = 3
 EXIT_MARGIN_S = 5  # Documented: SIGTERM exits 0 within --shutdown_grace_seconds + a few s.

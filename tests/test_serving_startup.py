@@ -7,10 +7,10 @@ import time
 
 import grpc
 import pytest
+from _serving_fixtures import REPO, ServerProcess, free_port, write_half_plus_two
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from serving import client as serving_client
-from _serving_fixtures import REPO, ServerProcess, free_port, write_half_plus_two
 
 
 def _self_signed_cert():

@@ -11,6 +11,7 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
+from _serving_fixtures import REPO, write_half_plus_two
 from tensorflow.core.framework import tensor_pb2, types_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
@@ -21,8 +22,6 @@ from serving._errors import ServingError
 from serving._manager import ModelManager, aspired_versions, list_versions
 from serving._tensors import TensorParseError, from_ndarray, to_ndarray
 from serving.server import parse_channel_arguments
-from _serving_fixtures import REPO, write_half_plus_two
-
 
 # Tensor codec (§3.2 step 7, §11.2).
 
@@ -273,7 +272,7 @@ def test_client_retries_only_unavailable(code, calls):
     attempts = []
 
     class Stub:
-        def Predict(self, request, timeout):  # noqa: N802
+        def Predict(self, request, timeout):
             attempts.append(timeout)
             raise _FakeRpcError(code)
 

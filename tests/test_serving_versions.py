@@ -11,10 +11,10 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
+from _serving_fixtures import IMAGES, ServerProcess, copy_version, tiny_version
 from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
 
 from serving import client as serving_client
-from _serving_fixtures import IMAGES, ServerProcess, copy_version, tiny_version
 
 State = get_model_status_pb2.ModelVersionStatus.State
 

@@ -6,9 +6,9 @@ import json
 import pytest
 
 from keras_alexnet.training import loop
+from keras_alexnet.training.config import PRESETS, TrainConfig
 from keras_alexnet.training.run_dir import RunDirectory
 from keras_alexnet.training.schedule import PlateauSchedule
-from keras_alexnet.training.config import PRESETS, TrainConfig
 from training import train
 
 

@@ -37,7 +37,7 @@ def _prefer_onednn():
 if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "alexnet-train":
     _prefer_onednn()
 
-from keras_alexnet.training.config import DEFAULT_PRESET, PRESETS  # noqa: E402
+from keras_alexnet.training.config import DEFAULT_PRESET, PRESETS  # noqa: E402  (after _prefer_onednn)
 
 
 def build_parser():

@@ -252,8 +252,8 @@ def load_folder(spec, data_dir=None, val_split=None, seed=0, **_):
     good, bad = checked_files(train_paths + val_paths, data_dir)
     _warn_undecodable(bad, root)
     good = set(good)
-    train = [(p, l) for p, l in zip(train_paths, train_labels) if p in good]
-    val = [(p, l) for p, l in zip(val_paths, val_labels) if p in good]
+    train = [(p, y) for p, y in zip(train_paths, train_labels) if p in good]
+    val = [(p, y) for p, y in zip(val_paths, val_labels) if p in good]
     if not train or not val:
         raise ValueError(
             f"{root} has {len(train)} decodable training and {len(val)} validation images; "
@@ -262,14 +262,14 @@ def load_folder(spec, data_dir=None, val_split=None, seed=0, **_):
 
     def dataset(pairs, shuffle_seed=None):
         paths = tf.constant([p for p, _ in pairs])
-        labels = tf.constant([l for _, l in pairs], tf.int64)
+        labels = tf.constant([y for _, y in pairs], tf.int64)
         ds = tf.data.Dataset.from_tensor_slices((paths, labels))
         if shuffle_seed is not None:
             # The list is in class order; a full shuffle of the paths (not the images)
             # keeps input_pipeline's bounded shuffle buffer from seeing one class at a time.
             # The same order for the same seed: training passes each epoch's own.
             ds = ds.shuffle(len(pairs), seed=shuffle_seed, reshuffle_each_iteration=False)
-        return ds.map(lambda p, l: (tf.io.read_file(p), l), num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.map(lambda p, y: (tf.io.read_file(p), y), num_parallel_calls=tf.data.AUTOTUNE)
 
     return DatasetSource(
         name=f"{PREFIX}{root}",

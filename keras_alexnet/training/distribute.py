@@ -10,8 +10,8 @@ for ``towers``, the pair of devices `keras_alexnet.AlexNet` places its towers on
   second.
 * ``multiworker``: `tf.distribute.MultiWorkerMirroredStrategy` from ``TF_CONFIG``; each
   worker mirrors over its own GPUs (or logical CPUs). Keras 3 ``fit`` fails under this
-  strategy (keras-team/keras#20585), so the project trains with its own loop (`keras_alexnet.training.loop`), for
-  every strategy.
+  strategy (keras-team/keras#20585), so the project trains every strategy with its
+  own loop (`keras_alexnet.training.loop`).
 
 Logical CPU devices can only be made before TensorFlow initialises its runtime (the
 first op, or the first device listing); `configure_cpu_devices` is idempotent and says

@@ -139,7 +139,7 @@ def check_source(source):
             preprocessing.decode_image(image_bytes)
         except StopIteration:
             raise ValueError(f"The {split} split of {source.name!r} is empty.") from None
-        except Exception as error:  # noqa: BLE001 - reported with its cause
+        except Exception as error:
             raise ValueError(
                 f"The first {split} image of {source.name!r} cannot be read or decoded "
                 f"({type(error).__name__}: {str(error).splitlines()[0][:200]}).") from error
