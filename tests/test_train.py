@@ -137,3 +137,19 @@ def test_plateau_schedule_resumed_from_its_state_continues_the_same_way():
         actual.append(lr)
     assert actual == expected
     assert expected == pytest.approx([1.0, 1.0, 0.1, 0.1, 0.1] + [0.01] * 6, rel=1e-12)
+
+
+def test_resuming_with_another_global_batch_is_refused_before_writing(shapes_data_dir,
+                                                                     tmp_path):
+    """More or fewer replicas would change every batch (and the skip to the saved step)."""
+    config = smoke_config(shapes_data_dir)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(config.to_json())
+    state = {"epoch": 1, "step": 0, "global_step": 15, "num_classes": 10,
+             "global_batch": 32, "checkpoints": ["ckpt-15"]}
+    (run_dir / "state.json").write_text(json.dumps(state))
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    with pytest.raises(ValueError, match="global batch of 32.*global batch of 16"):
+        loop.train(config, run_dir, tmp_path / "models", verbose=0)
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before

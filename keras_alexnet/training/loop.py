@@ -350,6 +350,13 @@ def train(config, run_dir, export_dir="models/alexnet", *, verbose=1, do_export=
     source, mean = load_data(config)
     check_source(source)
     data = Data(strategy, source, config, mean, global_batch)
+    if state is not None and state.global_batch not in (0, global_batch):
+        raise ValueError(
+            f"{run.path} was trained with a global batch of {state.global_batch} "
+            f"(batch_size {config.batch_size} x {state.global_batch // config.batch_size} "
+            f"replicas); this process has {replicas} replicas, a global batch of "
+            f"{global_batch}. Resume with the same number of devices and workers, or "
+            "choose a new --run-dir.")
 
     if run.chief:
         for path in run.clean(state, export_dir if do_export else None):
@@ -369,7 +376,8 @@ def train(config, run_dir, export_dir="models/alexnet", *, verbose=1, do_export=
             print(f"Resuming {run.path} from {path.name} (epoch {state.epoch + 1}, step "
                   f"{state.step} of {data.steps_per_epoch}).")
         else:
-            state = RunState(num_classes=source.num_classes, schedule=schedule.get_state())
+            state = RunState(num_classes=source.num_classes, global_batch=global_batch,
+                             schedule=schedule.get_state())
         logs = _train_epochs(config, run, data, model, optimizer, checkpoint, schedule, state,
                              verbose)
         if logs is None:  # nothing left to train (a finished run rerun): measure again

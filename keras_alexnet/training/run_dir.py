@@ -60,6 +60,7 @@ class RunState:
     train_sums: tuple = (0.0, 0.0, 0.0, 0.0)
     schedule: dict = dataclasses.field(default_factory=dict)
     num_classes: int = 0
+    global_batch: int = 0  # batch_size x replicas: a resumed run must use the same
     checkpoints: list = dataclasses.field(default_factory=list)  # committed, oldest first
 
     @property
