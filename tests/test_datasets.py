@@ -155,8 +155,8 @@ def test_held_out_split_is_stratified_and_seeded(tmp_path):
     train = {b for b, _ in source.train.as_numpy_iterator()}
     assert not train & set(first)
 
-    # The augmented pipeline is deterministic for a seed. (A fresh source each time:
-    # iterating one source again is its next epoch, in a new order.)
+    # The augmented pipeline is deterministic for a seed, also across fresh sources
+    # (a resumed process loads the dataset again).
     def batch(seed):
         fresh = datasets.load(f"folder:{root}", data_dir=str(tmp_path / "cache"), val_split=0.25)
         ds = input_pipeline.training_dataset(fresh.train, 6, image_size=67, seed=seed)
@@ -207,3 +207,21 @@ def test_train_cli_on_a_folder_with_the_mean_image(tmp_path):
         ])
     assert np.isfinite(summary["val_loss"])
     assert list((tmp_path / "cache" / "keras_alexnet" / "mean-images").glob("*.npy"))
+
+
+def test_folder_training_order_is_a_function_of_the_order_seed(tmp_path):
+    """`shuffled_train(seed)` gives a full reshuffle per seed, the same one every time."""
+    root = tmp_path / "pics"
+    for i in range(3):
+        (root / f"class{i}").mkdir(parents=True)
+        for j in range(6):
+            Image.new("RGB", (8, 8), (i * 80, j * 40, 0)).save(root / f"class{i}" / f"{j}.png")
+    source = datasets.load(f"folder:{root}", data_dir=str(tmp_path / "cache"), val_split=0.2)
+
+    def order(seed):
+        return [b for b, _ in source.shuffled_train(seed).as_numpy_iterator()]
+
+    assert order(1) == order(1)
+    assert order(1) != order(2)
+    assert sorted(order(1)) == sorted(order(2))
+    assert len(order(1)) == source.num_train
