@@ -1,9 +1,10 @@
-"""Mixed precision and XLA on CPU: the model builds and trains a step.
+"""Mixed precision and XLA on CPU, through the training loop's own pieces.
 
 Under ``mixed_float16`` and ``mixed_bfloat16`` the convolutions and dense layers
 compute in 16 bits while LRN, the logits (hence softmax and the loss) and every
-variable stay float32; float16 trains through a ``LossScaleOptimizer``. ``--jit``
-compiles the step with XLA, which TensorFlow also supports on CPU.
+variable stay float32; float16 trains through a ``LossScaleOptimizer`` whose state is
+part of every checkpoint. The export is a float32 copy. ``jit_compile`` compiles each
+replica's step with XLA, which TensorFlow also supports on CPU.
 """
 
 import dataclasses
@@ -13,15 +14,16 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_alexnet import custom_loop, trainer
+from keras_alexnet.training import loop
 from keras_alexnet.training.config import PRESETS
+from keras_alexnet.training.run_dir import RunDirectory
 
-TINY = dict(num_classes=10, image_size=67, width=0.125, seed=0, dropout_rate=0.0)
+POLICIES = ["mixed_float16", "mixed_bfloat16"]
 
 
 def batch(n=8):
     rng = np.random.default_rng(0)
-    return (rng.normal(size=(n, 67, 67, 3)).astype("float32"),
+    return (rng.normal(0, 60, size=(n, 67, 67, 3)).astype("float32"),
             rng.integers(0, 10, size=n).astype("int64"))
 
 
@@ -29,12 +31,28 @@ def config(**overrides):
     return dataclasses.replace(PRESETS["smoke"], **overrides)
 
 
-@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
-def test_mixed_precision_builds_and_trains_a_fit_step(policy):
+def one_step(model, optimizer, jit_compile=False):
+    """One `loop.make_train_step` step on `batch`; returns its summed metrics."""
     x, y = batch()
-    with trainer.precision_policy(policy):
-        model = trainer.compile_model(trainer.build_model(config(), 10), config(
-            mixed_precision=policy))
+    strategy = tf.distribute.get_strategy()
+    step = loop.make_train_step(model, optimizer, strategy, 8, jit_compile=jit_compile)
+    data = strategy.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensor_slices((x, y)).batch(8))
+    return step(next(iter(data))).numpy()
+
+
+def weights(model):
+    return [np.array(w) for w in model.trainable_weights]
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_mixed_precision_builds_and_trains_a_loop_step(policy):
+    x, _ = batch()
+    cfg = config(mixed_precision=policy)
+    with loop.precision_policy(policy):
+        model = loop.build_model(cfg, 10)
+        optimizer = loop.build_optimizer(cfg)
+        optimizer.build(model.trainable_variables)
         compute = policy.split("_")[1]
         assert model.get_layer("conv1_a").compute_dtype == compute
         assert model.get_layer("fc6_b").compute_dtype == compute
@@ -42,45 +60,107 @@ def test_mixed_precision_builds_and_trains_a_fit_step(policy):
         assert model.get_layer("fc8").compute_dtype == "float32"
         assert all(w.dtype == "float32" for w in model.weights)
         assert model(x[:2]).dtype == "float32"
-        scaled = isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+        scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
         assert scaled == (policy == "mixed_float16")
-        before = [w.numpy() for w in model.trainable_weights]
-        history = model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+        before = weights(model)
+        sums = one_step(model, optimizer)
     assert keras.config.dtype_policy().name == "float32"  # restored
-    assert np.isfinite(history.history["loss"][0])
-    assert any(not np.array_equal(a, b.numpy()) for a, b in zip(before, model.trainable_weights))
-
-
-def test_custom_loop_step_with_loss_scaling():
-    x, y = batch()
-    strategy = tf.distribute.get_strategy()
-    with trainer.precision_policy("mixed_float16"):
-        model = trainer.build_model(config(weight_decay=5e-4), 10)
-        optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(1e-3))
-        optimizer.build(model.trainable_variables)
-        before = [w.numpy() for w in model.trainable_weights]
-        step = custom_loop.make_train_step(model, optimizer, strategy, 8)
-        data = strategy.experimental_distribute_dataset(
-            tf.data.Dataset.from_tensor_slices((x, y)).batch(8))
-        sums = step(next(iter(data))).numpy()
     assert np.isfinite(sums).all() and sums[3] == 8
-    assert any(not np.array_equal(a, b.numpy()) for a, b in zip(before, model.trainable_weights))
+    assert 0 < sums[0] / sums[3] < 10  # a cross-entropy over 10 classes, not a scaled loss
+    after = weights(model)
+    assert all(w.dtype == np.float32 for w in after)
+    assert all(not np.array_equal(a, b) for a, b in zip(before, after))
+
+
+def test_float16_loss_scaling_is_undone_before_the_update():
+    """With weight decay on, a float16 step moves every weight as a float32 step does:
+    the loss scale (32768 at first) multiplies the gradients and is divided out again."""
+    cfg = config(optimizer="sgd", learning_rate=1e-3, momentum=0.0, weight_decay=5e-4)
+    updates = {}
+    for policy in ("float32", "mixed_float16"):
+        with loop.precision_policy(policy):
+            model = loop.build_model(dataclasses.replace(cfg, mixed_precision=policy), 10)
+            optimizer = loop.build_optimizer(dataclasses.replace(cfg, mixed_precision=policy))
+            optimizer.build(model.trainable_variables)
+            assert model.losses  # the L2 terms take part in the step
+            before = weights(model)
+            sums = one_step(model, optimizer)
+            assert np.isfinite(sums).all()
+            updates[policy] = [a - b for a, b in zip(weights(model), before)]
+    assert float(optimizer.dynamic_scale.numpy()) == 32768.0  # no overflow: not skipped
+    for name, full, half in zip([w.path for w in model.trainable_weights],
+                                updates["float32"], updates["mixed_float16"]):
+        norm = np.linalg.norm(full)
+        assert norm > 0, name
+        assert np.linalg.norm(half) == pytest.approx(norm, rel=0.1), name
+        cosine = float(np.sum(full * half) / (norm * np.linalg.norm(half)))
+        assert cosine > 0.98, (name, cosine)
 
 
 @pytest.mark.slow
-def test_fit_with_xla():
-    x, y = batch()
-    model = trainer.compile_model(trainer.build_model(config(), 10), config(jit_compile=True))
-    assert model.jit_compile is True
-    history = model.fit(x, y, batch_size=8, epochs=1, verbose=0)
-    assert np.isfinite(history.history["loss"][0])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_train_under_mixed_precision_checkpoints_and_exports_float32(
+        shapes_data_dir, tmp_path, policy):
+    cfg = config(data_dir=shapes_data_dir, epochs=1, mixed_precision=policy,
+                 checkpoint_every=0)
+    summary = loop.train(cfg, tmp_path / "run", tmp_path / "models", verbose=0)
+    assert keras.config.dtype_policy().name == "float32"
+    run = RunDirectory(tmp_path / "run")
+    (row,) = run.read_history()
+    assert all(np.isfinite(row[k]) for k in ("loss", "val_loss"))
+    assert row["val_loss"] == pytest.approx(summary["val_loss"])
+
+    # The checkpoint holds every optimiser variable, the loss scale's included.
+    with loop.precision_policy(policy):
+        model = loop.build_model(cfg, 10)
+        optimizer = loop.build_optimizer(cfg)
+        optimizer.build(model.trainable_variables)
+        run.restore(model, optimizer)  # every saved variable must match
+    assert loop.weights_digest(model) == summary["weights_sha256"]
+    assert 0 < int(optimizer.iterations.numpy()) <= 30
+    if policy == "mixed_float16":
+        assert float(optimizer.dynamic_scale.numpy()) >= 1.0
+
+    # The export is the float32 copy: probabilities in float32, the trained model's.
+    x, _ = batch(4)
+    loaded = tf.saved_model.load(summary["export_path"])
+    probabilities = loaded.signatures["serving_pixels"](pixels=tf.constant(x))["probabilities"]
+    assert probabilities.dtype == tf.float32
+    np.testing.assert_allclose(np.sum(probabilities, axis=1), 1.0, atol=1e-5)
+    reference = tf.nn.softmax(run.load_model()(x, training=False))
+    np.testing.assert_allclose(probabilities, reference, atol=1e-5)
+    # A float32 forward pass of the mixed-precision-trained weights: close, not equal.
+    with loop.precision_policy(policy):
+        mixed = tf.nn.softmax(tf.cast(model(x, training=False), tf.float32))
+    np.testing.assert_allclose(probabilities, mixed, atol=0.05)
+
+
+@pytest.mark.slow
+def test_xla_compiled_step_matches_the_plain_step():
+    cfg = config(weight_decay=5e-4)
+    results = []
+    for jit_compile in (False, True):
+        model = loop.build_model(cfg, 10)
+        optimizer = loop.build_optimizer(cfg)
+        optimizer.build(model.trainable_variables)
+        before = weights(model)
+        sums = one_step(model, optimizer, jit_compile=jit_compile)
+        results.append((before, weights(model), sums))
+    (b0, a0, s0), (b1, a1, s1) = results
+    assert all(np.array_equal(p, q) for p, q in zip(b0, b1))  # the same seeded start
+    assert s1[3] == 8 and s1[0] == pytest.approx(s0[0], rel=1e-4)
+    assert max(float(np.abs(a - b).max()) for a, b in zip(a0, b0)) > 1e-6  # it moved
+    for p, q in zip(a0, a1):
+        np.testing.assert_allclose(q, p, rtol=1e-4, atol=1e-5)
 
 
 def test_export_copy_is_float32_and_unplaced():
-    with trainer.precision_policy("mixed_bfloat16"):
-        model = trainer.build_model(config(), 10, tower_devices=("/cpu:0", "/cpu:0"))
-    copy = trainer.inference_copy(model)
-    assert copy.tower_devices is None
+    with loop.precision_policy("mixed_bfloat16"):
+        model = loop.build_model(config(), 10, tower_devices=("/cpu:0", "/cpu:0"))
+    copy = loop.inference_copy(model)
+    assert model.tower_devices == ("/cpu:0", "/cpu:0") and copy.tower_devices is None
     assert copy.get_layer("conv1_a").compute_dtype == "float32"
+    assert type(copy.get_layer("conv1_a")).__name__ == "Conv2D"
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), copy.get_weights()))
     x, _ = batch(2)
     np.testing.assert_allclose(copy(x), model(x), rtol=0.05, atol=0.05)  # bfloat16 vs fp32
