@@ -3,7 +3,7 @@
 Both workers run ``training/train.py --strategy multiworker`` with the same run and
 export directories (standing in for a shared volume). They must end with identical
 weights; only the chief may leave checkpoints and an export; a relaunch resumes from
-the chief's backup.
+the chief's committed checkpoint.
 """
 
 import json
@@ -89,19 +89,29 @@ def test_workers_end_with_identical_weights(cluster_runs):
 @pytest.mark.slow
 def test_only_the_chief_writes_checkpoints_and_the_export(cluster_runs):
     base, first, snapshot, second = cluster_runs
-    assert snapshot == ["backup", "config.json", "export.json", "history.csv", "state.json"]
+    assert snapshot == ["checkpoints", "config.json", "export.json", "history.csv", "logs",
+                        "state.json"]
     assert sorted(p.name for p in (base / "models").iterdir()) == ["1"]
     assert first[0][0]["export_path"] and first[1][0]["export_path"] is None
-    backups = sorted(p.name for p in (base / "run" / "backup").iterdir())
-    assert not [name for name in backups if name.startswith(".worker")]  # temp dirs removed
-    assert "checkpoint" in backups and any(name.startswith("ckpt-2") for name in backups)
+    files = sorted(p.name for p in (base / "run" / "checkpoints").iterdir())
+    assert not [name for name in files if name.startswith(".worker")]  # temp dirs removed
+    # 480 images / global batch 32 = 15 steps: the epoch-end checkpoint, committed.
+    assert "ckpt-15.index" in files
+    assert json.loads((base / "run" / "state.json").read_text())["global_batch"] == 32
 
 
 @pytest.mark.slow
-def test_restarted_cluster_resumes_from_the_backup(cluster_runs):
+def test_the_chief_writes_tensorboard_logs(cluster_runs):
+    base = cluster_runs[0]
+    for split in ("train", "validation"):
+        assert list((base / "run" / "logs" / split).glob("events.out.tfevents*")), split
+
+
+@pytest.mark.slow
+def test_restarted_cluster_resumes_from_the_committed_checkpoint(cluster_runs):
     base, _, _, second = cluster_runs
     for _, log in second:
-        assert "Resuming" in log and "(epoch 1)" in log
+        assert "Resuming" in log and "(epoch 2, step 0 of 15)" in log, log[-2000:]
     rows = (base / "run" / "history.csv").read_text().splitlines()
     assert rows[0].startswith("epoch,loss,lr,top1,top5,val_loss")
     assert [row.split(",")[0] for row in rows[1:]] == ["0", "1"]

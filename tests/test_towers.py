@@ -5,6 +5,7 @@ placement checks run in a fresh Python process (`_two_cpu_script`); the rest of 
 pytest process is left untouched.
 """
 
+import math
 import re
 import textwrap
 
@@ -21,7 +22,8 @@ SCRIPT = textwrap.dedent("""
     from keras_alexnet.training import distribute
     distribute.configure_cpu_devices(2)
     import keras, numpy as np, tensorflow as tf
-    from keras_alexnet import alexnet, custom_loop
+    from keras_alexnet import alexnet
+    from keras_alexnet.training import loop
 
     devices = ("/device:CPU:0", "/device:CPU:1")
     kwargs = dict(num_classes=10, image_size=67, width=0.125, seed=0, dropout_rate=0.0,
@@ -33,7 +35,7 @@ SCRIPT = textwrap.dedent("""
     # The traced training step: op name -> device for every convolution.
     optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
     optimizer.build(placed.trainable_variables)
-    step = custom_loop.make_train_step(placed, optimizer, tf.distribute.get_strategy(), 8)
+    step = loop.make_train_step(placed, optimizer, tf.distribute.get_strategy(), 8)
     spec = (tf.TensorSpec([8, 67, 67, 3]), tf.TensorSpec([8], tf.int64))
     graph = step.get_concrete_function(spec).graph
     out["conv_ops"] = {op.name: op.device for op in graph.get_operations()
@@ -60,7 +62,16 @@ SCRIPT = textwrap.dedent("""
     summary = train.main(["--preset", "smoke", "--data-dir", data_dir, "--epochs", "1",
                           "--strategy", "towers", "--cpu-devices", "2", "--quiet",
                           "--no-export", "--run-dir", base + "/run"])
-    out["cli_epochs"] = summary["epochs"]
+    out["cli_summary"] = summary
+    # What the run left: its committed checkpoint, loaded the way every tool loads one.
+    from keras_alexnet.training.run_dir import RunDirectory
+    run = RunDirectory(base + "/run")
+    trained = run.load_model()
+    fresh = loop.build_model(run.read_config(), trained.output_shape[-1])  # the run's init
+    out["max_trained_change"] = max(float(np.abs(a.numpy() - b.numpy()).max())
+                                    for a, b in zip(trained.weights, fresh.weights))
+    out["history"] = run.read_history()
+    out["state"] = json.loads(run.state_path.read_text())
     print("RESULT" + json.dumps(out))
 """)
 
@@ -108,7 +119,15 @@ def test_towers_step_equals_single_device_step(placement):
 
 @pytest.mark.slow
 def test_cli_trains_with_towers(placement):
-    assert placement["cli_epochs"] == 1
+    """``--strategy towers --cpu-devices 2`` from the command line: the run trained one
+    epoch (30 steps), committed its checkpoint, and the weights moved from the seed's."""
+    summary, history, state = placement["cli_summary"], placement["history"], placement["state"]
+    assert summary["epochs"] == 1 and summary["export_path"] is None  # --no-export
+    assert [row["epoch"] for row in history] == [0]
+    assert all(math.isfinite(history[0][k]) for k in ("loss", "val_loss"))
+    assert history[0]["val_top1"] == pytest.approx(summary["val_top1"])
+    assert (state["epoch"], state["global_step"], state["checkpoints"]) == (1, 30, ["ckpt-30"])
+    assert placement["max_trained_change"] > 1e-4  # trained, not the initial weights
 
 
 def test_tower_devices_keep_names_parameters_and_config():
@@ -120,8 +139,8 @@ def test_tower_devices_keep_names_parameters_and_config():
     assert type(placed.get_layer("conv1_a")).__name__ == "PlacedConv2D"
     assert type(plain.get_layer("conv1_a")).__name__ == "Conv2D"
     clone = AlexNet.from_config(placed.get_config())
-    assert clone.tower_devices == ("/cpu:0", "/cpu:0")
-    assert plain.get_config()["tower_devices"] is None
+    assert clone.tower_devices is None  # placement is not part of the saved config
+    assert "tower_devices" not in placed.get_config()
 
 
 def test_tower_devices_need_two_towers():
