@@ -1,8 +1,10 @@
 """Batch top-5 image classification against TensorFlow Serving (or `serving.server`).
 
 Sends encoded image bytes to the `serving_default` signature of an exported keras_alexnet
-model (input `images`, outputs `classes`, `scores`, `labels`) with gRPC Predict. Depends only on
-grpcio and tensorflow-serving-api; it never imports Keras or keras_alexnet.
+model (input `images`, outputs `classes`, `scores`, `labels`) with gRPC Predict. Uses grpcio,
+NumPy and the protos of tensorflow-serving-api; it never imports Keras or keras_alexnet, and
+it loads TensorFlow's generated `*_pb2` modules without TensorFlow's runtime (see
+`_protos_without_tensorflow_runtime`), so `import serving.client` takes a fraction of a second.
 
     >>> from serving.client import classify
     >>> classify(["cat.jpg"], server="localhost:8500")[0][0]
@@ -12,17 +14,155 @@ CLI: `python -m serving.client IMG... [--server HOST:PORT] [--json]` (also `alex
 """
 
 import argparse
+import contextlib
+import importlib
+import importlib.machinery
+import importlib.util
 import json
 import os
 import sys
+import threading
 import time
 from typing import NamedTuple
 
-import grpc
-from tensorflow.core.framework import tensor_pb2, types_pb2
-from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+if __name__ == "__main__" or os.path.basename(sys.argv[0] if sys.argv else "").startswith(
+        "alexnet-classify"):
+    # The CLI. Should TensorFlow's runtime load after all (the fallback below), fewer of its
+    # C++ lines precede the table (TF 2.21 prints its oneDNN and CUDA lines at any level).
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from serving._tensors import to_ndarray
+import grpc
+
+# Top-level subpackages of `tensorflow` holding the protos tensorflow-serving-api imports, all
+# with empty `__init__.py` files: tensorflow.core.{framework,protobuf,example} for Predict and
+# the other PredictionService protos, tensorflow.compiler.xla.tsl.protobuf for the config_pb2
+# that the model-management protos import, `tsl` for versions that move protos there.
+_PROTO_ROOTS = ("core", "compiler", "tsl")
+
+
+def _import_submodule(package, name):
+    """A package's module `__getattr__`: `from package import name` imports the submodule
+    with `importlib.import_module`, which, unlike `__import__`, does not import the top-level
+    package (`tensorflow`) as well."""
+    if name.startswith("__"):
+        raise AttributeError(name)
+    try:
+        return importlib.import_module(f"{package}.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"{package}.{name}":
+            raise
+        raise AttributeError(f"module {package!r} has no attribute {name!r}") from None
+
+
+class _ProtoLoader:
+    """Loads a `tensorflow.*` package as usual, then gives it `_import_submodule`."""
+
+    def __init__(self, loader, packages):
+        self.loader, self.packages = loader, packages
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        module.__spec__.loader = module.__loader__ = self.loader
+        self.loader.exec_module(module)
+        _add_getattr(module, self.packages)
+
+
+def _add_getattr(module, packages):
+    module.__getattr__ = lambda name, package=module.__name__: _import_submodule(package, name)
+    packages.append(module)
+
+
+class _ProtoFinder:
+    """First on `sys.meta_path` while the protos load, in the loading thread only: refuses
+    `import tensorflow` and wraps the loader of each `tensorflow.*` package."""
+
+    def __init__(self):
+        self.thread, self.packages = threading.get_ident(), []
+
+    def find_spec(self, name, path=None, target=None):
+        if threading.get_ident() != self.thread or not name.startswith("tensorflow"):
+            return None
+        if name == "tensorflow":
+            raise ImportError("a tensorflow-serving-api proto needs TensorFlow's runtime or a "
+                              "package outside serving.client._PROTO_ROOTS", name=name)
+        if not name.startswith("tensorflow."):
+            return None  # tensorflow_serving
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is not None and spec.submodule_search_locations is not None:
+            spec.loader = _ProtoLoader(spec.loader, self.packages)
+        return spec
+
+
+@contextlib.contextmanager
+def _protos_without_tensorflow_runtime():
+    """Lets the block import TensorFlow's generated `*_pb2` modules without `tensorflow`.
+
+    The tensorflow-serving-api protos say `from tensorflow.core.framework import tensor_pb2`,
+    which imports `tensorflow` (TensorFlow's whole runtime and Keras: ~2,900 modules, seconds,
+    C++ log lines) twice over: as the parent of `tensorflow.core`, and because `__import__`
+    returns the top-level package when it imports a submodule missing from a package's
+    attributes. So this registers `tensorflow.core` (and the other `_PROTO_ROOTS`) as the
+    import system would, from the real files, and gives every `tensorflow.*` package a module
+    `__getattr__` that imports submodules without the top-level package (`_ProtoFinder`).
+    `tensorflow` itself never enters `sys.modules`, so no other thread can see a stand-in.
+
+    On exit the `__getattr__`s go and every `tensorflow.*` module the block loaded leaves
+    `sys.modules` (the names the block bound keep them alive), unless `tensorflow` got imported
+    meanwhile (another thread): any later import under `tensorflow.` then runs the real package
+    first, as it would have without this. TensorFlow then executes those `*_pb2` files again, which
+    the protobuf runtime accepts for identical files and which yields the same message
+    classes (they are cached per descriptor), so messages built here work with TensorFlow.
+
+    If a proto needs anything else, `import tensorflow` is refused in this thread (it would run
+    TensorFlow's `__init__` halfway through), the block raises ImportError and the modules
+    it loaded are dropped, so the caller can fall back to the ordinary import. Does nothing
+    if `tensorflow` is imported already (the protos then cost nothing) or not installed.
+    """
+    spec = None if "tensorflow" in sys.modules else importlib.util.find_spec("tensorflow")
+    if spec is None or not spec.submodule_search_locations:
+        yield
+        return
+    before = set(sys.modules)
+    finder = _ProtoFinder()
+    sys.meta_path.insert(0, finder)
+    ok = False
+    try:
+        for name in ("tensorflow." + root for root in _PROTO_ROOTS):
+            if name in sys.modules:
+                continue
+            root = importlib.machinery.PathFinder.find_spec(name, spec.submodule_search_locations)
+            if root is None or root.submodule_search_locations is None:
+                continue
+            module = importlib.util.module_from_spec(root)
+            sys.modules[name] = module
+            root.loader.exec_module(module)
+            _add_getattr(module, finder.packages)
+        yield
+        ok = True
+    finally:
+        sys.meta_path.remove(finder)
+        for module in finder.packages:
+            vars(module).pop("__getattr__", None)
+        if "tensorflow" not in sys.modules:
+            for name in set(sys.modules) - before:
+                if name.startswith("tensorflow.") or not ok and (
+                        name.startswith("tensorflow_serving") or name == "serving._tensors"):
+                    del sys.modules[name]
+
+
+try:
+    with _protos_without_tensorflow_runtime():
+        from tensorflow.core.framework import tensor_pb2, types_pb2
+        from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+        from serving._tensors import to_ndarray
+except ImportError:  # a future proto layout: load them with TensorFlow's runtime after all
+    from tensorflow.core.framework import tensor_pb2, types_pb2
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    from serving._tensors import to_ndarray
 
 DEFAULT_SERVER = "localhost:8500"
 DEFAULT_MODEL = "alexnet"
