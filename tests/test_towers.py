@@ -1,11 +1,13 @@
 """The paper's model parallelism: tower A on one device, tower B on another.
 
 Two logical CPUs can only be made before TensorFlow starts its runtime, so the
-placement checks run in a fresh Python process (`_two_cpu_script`); the rest of the
-pytest process is left untouched.
+placement checks and a CLI run with ``--strategy towers`` run in a fresh Python process
+(`SCRIPT`, under both oneDNN settings); the rest of the pytest process is left untouched.
 """
 
+import json
 import math
+import pathlib
 import re
 import textwrap
 
@@ -13,6 +15,7 @@ import pytest
 from _subprocess import ONEDNN_SETTINGS, run_script
 
 from keras_alexnet import AlexNet, alexnet
+from keras_alexnet.training.run_dir import RunDirectory
 
 TINY = dict(num_classes=10, image_size=67, width=0.125, seed=0)
 
@@ -41,7 +44,7 @@ SCRIPT = textwrap.dedent("""
     out["conv_ops"] = {op.name: op.device for op in graph.get_operations()
                        if op.type.startswith("Conv2D")}
 
-    # One fit step of each model from the same initial weights.
+    # One loop step of each model from the same initial weights.
     rng = np.random.default_rng(0)
     x = rng.normal(size=(8, 67, 67, 3)).astype("float32")
     y = rng.integers(0, 10, size=8)
@@ -49,9 +52,10 @@ SCRIPT = textwrap.dedent("""
     out["same_init"] = all(np.array_equal(a, b.numpy()) for a, b in zip(initial, placed.weights))
     results = []
     for model in (plain, placed):
-        model.compile(keras.optimizers.SGD(0.01, momentum=0.9),
-                      keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+        optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
+        optimizer.build(model.trainable_variables)
+        model_step = loop.make_train_step(model, optimizer, tf.distribute.get_strategy(), 8)
+        model_step((tf.constant(x), tf.constant(y)))
         results.append([w.numpy() for w in model.weights])
     out["max_abs_diff"] = max(float(np.abs(a - b).max()) for a, b in zip(*results))
     out["max_update"] = max(float(np.abs(a - b).max()) for a, b in zip(results[0], initial))
@@ -59,9 +63,15 @@ SCRIPT = textwrap.dedent("""
     import sys
     from training import train
     data_dir, base = sys.argv[1], sys.argv[2]
+    # The model the CLI run builds, to see where its towers were placed.
+    built, real_build = [], loop.build_model
+    loop.build_model = lambda *a, **k: built.append(real_build(*a, **k)) or built[-1]
     summary = train.main(["--preset", "smoke", "--data-dir", data_dir, "--epochs", "1",
                           "--strategy", "towers", "--cpu-devices", "2", "--quiet",
-                          "--no-export", "--run-dir", base + "/run"])
+                          "--run-dir", base + "/run", "--export-dir", base + "/models"])
+    (model,) = built
+    out["cli_tower_devices"] = list(model.tower_devices)
+    out["cli_variable_devices"] = {v.path: v.value.device for v in model.weights}
     out["cli_summary"] = summary
     # What the run left: its committed checkpoint, loaded the way every tool loads one.
     from keras_alexnet.training.run_dir import RunDirectory
@@ -70,6 +80,7 @@ SCRIPT = textwrap.dedent("""
     fresh = loop.build_model(run.read_config(), trained.output_shape[-1])  # the run's init
     out["max_trained_change"] = max(float(np.abs(a.numpy() - b.numpy()).max())
                                     for a, b in zip(trained.weights, fresh.weights))
+    out["trained_digest"] = loop.weights_digest(trained)
     out["history"] = run.read_history()
     out["state"] = json.loads(run.state_path.read_text())
     print("RESULT" + json.dumps(out))
@@ -79,7 +90,7 @@ SCRIPT = textwrap.dedent("""
 @pytest.fixture(scope="module", params=ONEDNN_SETTINGS, ids=lambda v: f"onednn{v}")
 def placement(shapes_data_dir, tmp_path_factory, request):
     base = tmp_path_factory.mktemp("towers")
-    return run_script(SCRIPT, shapes_data_dir, base, onednn=request.param)
+    return {**run_script(SCRIPT, shapes_data_dir, base, onednn=request.param), "base": str(base)}
 
 
 def _tower(name):
@@ -122,12 +133,53 @@ def test_cli_trains_with_towers(placement):
     """``--strategy towers --cpu-devices 2`` from the command line: the run trained one
     epoch (30 steps), committed its checkpoint, and the weights moved from the seed's."""
     summary, history, state = placement["cli_summary"], placement["history"], placement["state"]
-    assert summary["epochs"] == 1 and summary["export_path"] is None  # --no-export
+    assert summary["epochs"] == 1 and summary["export_path"].endswith("1")
     assert [row["epoch"] for row in history] == [0]
     assert all(math.isfinite(history[0][k]) for k in ("loss", "val_loss"))
     assert history[0]["val_top1"] == pytest.approx(summary["val_top1"])
     assert (state["epoch"], state["global_step"], state["checkpoints"]) == (1, 30, ["ckpt-30"])
+    assert state["global_batch"] == 16  # model parallelism: one replica
     assert placement["max_trained_change"] > 1e-4  # trained, not the initial weights
+    # The committed checkpoint holds the run's final weights exactly.
+    assert placement["trained_digest"] == summary["weights_sha256"]
+
+
+@pytest.mark.slow
+def test_cli_run_placed_its_towers_on_two_devices(placement):
+    first, second = placement["cli_tower_devices"]
+    assert first.endswith("CPU:0") and second.endswith("CPU:1")
+    devices = placement["cli_variable_devices"]
+    assert {_tower(path) for path in devices} == {"a", "b", None}
+    for path, device in devices.items():
+        expected = {"a": "CPU:0", "b": "CPU:1", None: "CPU:0"}[_tower(path)]
+        assert device.endswith(expected), (path, device)
+
+
+@pytest.mark.slow
+def test_cli_towers_export_classifies(placement, image_paths):
+    import numpy as np
+    import tensorflow as tf
+
+    from keras_alexnet.export import METADATA_FILE
+
+    version = pathlib.Path(placement["cli_summary"]["export_path"])
+    names = json.loads((version / "assets.extra" / METADATA_FILE).read_text())["class_names"]
+    assert len(names) == 10
+    loaded = tf.saved_model.load(str(version))
+    images = tf.constant([p.read_bytes() for p in image_paths[:3]])
+    outputs = loaded.signatures["serving_default"](images=images)
+    scores = outputs["scores"].numpy()
+    assert scores.shape == (3, 5) and np.all(np.diff(scores, axis=1) <= 0)
+    assert np.all((scores >= 0) & (scores <= 1)) and np.all(scores.sum(axis=1) <= 1 + 1e-5)
+    labels = [[label.decode() for label in row] for row in outputs["labels"].numpy()]
+    assert {label for row in labels for label in row} <= set(names)
+    assert [[names[c] for c in row] for row in outputs["classes"].numpy()] == labels
+    # The export is the trained model (float32, unplaced): the checkpoint's probabilities.
+    pixels = np.random.default_rng(0).normal(0, 60, (4, 67, 67, 3)).astype(np.float32)
+    exported = loaded.signatures["serving_pixels"](pixels=tf.constant(pixels))["probabilities"]
+    run = RunDirectory(pathlib.Path(placement["base"]) / "run")
+    expected = tf.nn.softmax(run.load_model()(pixels, training=False))
+    np.testing.assert_allclose(exported, expected, atol=1e-5)
 
 
 def test_tower_devices_keep_names_parameters_and_config():
