@@ -420,6 +420,9 @@ def _train_epochs(config, run, data, model, optimizer, checkpoint, schedule, sta
         return run.save(checkpoint, state, config.keep_checkpoints, before_commit=lambda:
                         faults.crash_point("checkpoint", state.global_step))
 
+    # A mid-epoch checkpoint is written at once but committed only after the next step's
+    # loss is finite: that loss is the first to measure the checkpoint's weights.
+    pending = None
     for epoch in range(state.epoch, config.epochs):
         sums = np.asarray(state.train_sums, np.float64)
         logger.start_epoch(epoch, state.step)
@@ -431,13 +434,17 @@ def _train_epochs(config, run, data, model, optimizer, checkpoint, schedule, sta
             if not math.isfinite(loss):
                 raise NonFiniteLossError(non_finite_message(
                     f"Epoch {epoch + 1}, step {step}", "loss", loss, run.path, config))
+            if pending is not None:
+                state, pending = run.commit(pending, config.keep_checkpoints), None
             logger.step(global_step, step, _averages(sums))
             faults.crash_point("step", global_step)
             if config.checkpoint_every and global_step % config.checkpoint_every == 0 \
                     and step < steps:
-                state = commit(dataclasses.replace(
+                pending = dataclasses.replace(
                     state, epoch=epoch, step=step, global_step=global_step,
-                    train_sums=tuple(float(s) for s in sums), schedule=schedule.get_state()))
+                    train_sums=tuple(float(s) for s in sums), schedule=schedule.get_state())
+                run.write(checkpoint, pending)
+                faults.crash_point("checkpoint", global_step)
         lr = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
         logs = {"epoch": epoch, **_averages(sums), "lr": lr, **_evaluate(eval_step, data)}
         if not math.isfinite(logs["val_loss"]):

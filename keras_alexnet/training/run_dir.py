@@ -247,20 +247,31 @@ class RunDirectory:
         return self.checkpoint_dir / f".worker-{os.getpid()}"
 
     def save(self, checkpoint, state, keep, *, before_commit=None):
-        """Writes checkpoint ``ckpt-<state.global_step>``, then commits it by replacing
-        ``state.json``, then deletes the committed checkpoints beyond the newest
-        ``keep``. Every worker calls it; only the chief keeps files. ``before_commit``
-        runs between the write and the commit (the crash tests kill there). Returns the
-        committed `RunState`."""
-        name = f"{CHECKPOINT_PREFIX}{state.global_step}"
-        write_dir = self.checkpoint_write_dir()
-        write_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.write(str(write_dir / name))
+        """`write` then `commit`: writes checkpoint ``ckpt-<state.global_step>``, runs
+        ``before_commit`` (the crash tests kill there), then commits it. Every worker
+        calls it; only the chief keeps files. Returns the committed `RunState`."""
+        self.write(checkpoint, state)
         if before_commit is not None:
             before_commit()
+        return self.commit(state, keep)
+
+    def write(self, checkpoint, state):
+        """Writes the files of checkpoint ``ckpt-<state.global_step>`` (not yet trusted:
+        `commit` makes it so). On other workers the files go to a private folder that is
+        deleted at once."""
+        write_dir = self.checkpoint_write_dir()
+        write_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.write(str(write_dir / f"{CHECKPOINT_PREFIX}{state.global_step}"))
         if not self.chief:
             shutil.rmtree(write_dir, ignore_errors=True)
+
+    def commit(self, state, keep):
+        """Makes the written checkpoint of ``state`` the trusted one by replacing
+        ``state.json``, then deletes committed checkpoints beyond the newest ``keep``.
+        Returns the committed `RunState` (``state`` itself on other workers)."""
+        if not self.chief:
             return state
+        name = f"{CHECKPOINT_PREFIX}{state.global_step}"
         kept = [c for c in state.checkpoints if c != name] + [name]
         state = dataclasses.replace(state, checkpoints=kept[-max(1, keep):])
         files.atomic_write(self.state_path, json.dumps(dataclasses.asdict(state), indent=1))
