@@ -41,6 +41,8 @@ from keras_alexnet import faults, files, preprocessing
 TOP_K = 5
 MAX_IMAGE_PIXELS = 50_000_000
 METADATA_FILE = "alexnet_export.json"
+_OWN_METADATA = ("class_names", "image_size", "mean", "resize_size", "signatures", "top_k",
+                 "model")
 
 
 def top_k_for(num_classes):
@@ -228,7 +230,7 @@ def declared_pixels(image_bytes):
     )
 
 
-def _checked_eval_pixels(image_bytes, image_size, mean):
+def _checked_eval_pixels(image_bytes, image_size, mean, resize=None):
     pixels = declared_pixels(image_bytes)
     checks = [
         tf.debugging.assert_none_equal(
@@ -248,15 +250,16 @@ def _checked_eval_pixels(image_bytes, image_size, mean):
                     "pixels (every frame of a GIF counts); send a smaller image",
         )
     with tf.control_dependencies([check]):
-        return preprocessing.eval_from_bytes(image_bytes, image_size, mean)
+        return preprocessing.eval_from_bytes(image_bytes, image_size, mean, resize)
 
 
 class _Endpoints:
     """The signature functions over a model, its label strings and its preprocessing."""
 
-    def __init__(self, model, labels, mean):
+    def __init__(self, model, labels, mean, resize=None):
         self.model = model
         self.size = int(model.input_shape[1])
+        self.resize = preprocessing.resize_size(self.size, resize)
         self.labels = tf.constant(labels, tf.string)
         self.num_classes = len(labels)
         self.k = top_k_for(self.num_classes)
@@ -284,7 +287,7 @@ class _Endpoints:
 
     def pixels_from_bytes(self, images):
         return tf.map_fn(
-            lambda b: _checked_eval_pixels(b, self.size, self.mean),
+            lambda b: _checked_eval_pixels(b, self.size, self.mean, self.resize),
             images,
             fn_output_signature=tf.TensorSpec([self.size, self.size, 3], tf.float32),
         )
@@ -312,7 +315,22 @@ class _Endpoints:
         return {"classes": outputs["labels"], "scores": outputs["scores"]}
 
 
-def export_saved_model(model, base_dir, class_names, *, version=None, mean=None):
+def model_record(model):
+    """``{"class_name", "config", ...}`` of a serializable Keras model (JSON), or ``None``.
+
+    Written into the export metadata (``"model"``) so that tools can rebuild the Keras
+    architecture of an export and fill it from the SavedModel's variables.
+    """
+    try:
+        record = keras.saving.serialize_keras_object(model)
+        json.dumps(record)
+    except (TypeError, ValueError, NotImplementedError):
+        return None
+    return record
+
+
+def export_saved_model(model, base_dir, class_names, *, version=None, mean=None, resize=None,
+                       metadata=None):
     """Exports ``model`` as SavedModel version ``<base_dir>/<version>/``.
 
     Args:
@@ -323,6 +341,11 @@ def export_saved_model(model, base_dir, class_names, *, version=None, mean=None)
         version: explicit version number; defaults to one more than the largest.
         mean: the mean subtracted in preprocessing (see
             `preprocessing.resolve_mean`); defaults to ImageNet's channel mean.
+        resize: the side of the square the centre crop is cut from (see
+            `preprocessing.resize_size`); defaults to the paper's ratio (256 for 227).
+        metadata: optional JSON-serializable entries added to the export's metadata
+            file (e.g. ``{"weights": {...}}`` describing converted weights); they may
+            not replace the entries the export writes itself.
 
     Returns:
         The ``pathlib.Path`` of the new version directory.
@@ -348,9 +371,14 @@ def export_saved_model(model, base_dir, class_names, *, version=None, mean=None)
     if target.exists():
         raise ValueError(f"Version {version} already exists at {target}; export a new version.")
     base.mkdir(parents=True, exist_ok=True)
-    mean = preprocessing.resolve_mean(mean, int(model.input_shape[1]))
-    endpoints = _Endpoints(model, class_names, mean)
+    mean = preprocessing.resolve_mean(mean, int(model.input_shape[1]), resize)
+    endpoints = _Endpoints(model, class_names, mean, resize)
     size = endpoints.size
+    extra = dict(metadata or {})
+    json.dumps(extra)  # fails here, before anything is written, if not serializable
+    clashes = sorted(set(extra) & set(_OWN_METADATA))
+    if clashes:
+        raise ValueError(f"`metadata` may not replace the export's own entries {clashes}.")
 
     archive = keras.export.ExportArchive()
     archive.track(model)
@@ -373,16 +401,76 @@ def export_saved_model(model, base_dir, class_names, *, version=None, mean=None)
     # renamed into place only once complete.
     with files.staged_directory(target, tag=str(version)) as staging:
         archive.write_out(str(staging), verbose=False)
-        metadata = {
+        record = {
             "class_names": class_names,
             "image_size": size,
             "mean": np.asarray(mean).tolist() if np.asarray(mean).size == 3 else "per-pixel",
+            "resize_size": endpoints.resize,
             "signatures": ["serving_default", "serving_pixels", "classify"],
             "top_k": top_k,
+            "model": model_record(model),
         }
+        assert set(record) == set(_OWN_METADATA)
+        record.update(extra)
         (staging / "assets.extra").mkdir(exist_ok=True)
-        (staging / "assets.extra" / METADATA_FILE).write_text(json.dumps(metadata, indent=1))
+        (staging / "assets.extra" / METADATA_FILE).write_text(json.dumps(record, indent=1))
         if np.asarray(mean).size != 3:  # the per-pixel mean image, for offline evaluation
             np.save(staging / "assets.extra" / "mean.npy", np.asarray(mean, np.float32))
         faults.crash_point("export")
     return target
+
+
+def read_metadata(version_dir):
+    """The ``assets.extra/alexnet_export.json`` record of an export version (a dict).
+
+    Raises:
+        ValueError: if ``version_dir`` is not a SavedModel version written by
+            `export_saved_model` (no ``saved_model.pb`` or no metadata file).
+    """
+    version_dir = pathlib.Path(version_dir)
+    path = version_dir / "assets.extra" / METADATA_FILE
+    if not (version_dir / "saved_model.pb").is_file() or not path.is_file():
+        raise ValueError(
+            f"{version_dir} is not an export version of this package (it needs saved_model.pb "
+            f"and assets.extra/{METADATA_FILE}); pass a version directory such as "
+            "models/alexnet/1.")
+    return json.loads(path.read_text())
+
+
+def load_keras_model(version_dir):
+    """Rebuilds the Keras model of an export version and fills it with its weights.
+
+    The architecture comes from the metadata's ``"model"`` record (`model_record`), the
+    weights from the SavedModel's variables, matched by name (``conv1_a/kernel``) and
+    checked for shape, so the result computes exactly what the export serves. Returns
+    ``(model, metadata)``; the metadata's mean, ``image_size`` and ``resize_size`` are the
+    preprocessing the model expects (`preprocessing.eval_from_image`).
+
+    Raises:
+        ValueError: if the export holds no model record (a model that was not
+            serializable), or its variables do not match the rebuilt architecture.
+    """
+    metadata = read_metadata(version_dir)
+    if not metadata.get("model"):
+        raise ValueError(f"The export {version_dir} records no Keras architecture (its model was "
+                         "not serializable); load it with tf.saved_model.load instead.")
+    model = keras.saving.deserialize_keras_object(metadata["model"])
+    # Dropout's RNG states are skipped on both sides: they are not weights, and their
+    # names depend on how many models the process has built.
+    saved = {v.name.rsplit(":", 1)[0]: v for v in tf.saved_model.load(str(version_dir)).variables
+             if "seed_generator" not in v.name}
+    for variable in model.variables:
+        if "seed_generator" in variable.path:  # dropout's RNG state: not part of an export
+            continue
+        source = saved.pop(variable.path, None)
+        if source is None or tuple(source.shape) != tuple(variable.shape):
+            raise ValueError(
+                f"The export {version_dir} does not match its recorded architecture at "
+                f"{variable.path} (shape {tuple(variable.shape)}); re-export the model.")
+        variable.assign(source)
+    if saved:
+        raise ValueError(f"The export {version_dir} holds variables its recorded architecture "
+                         f"lacks: {sorted(saved)[:5]}; re-export the model.")
+    if metadata["mean"] == "per-pixel":
+        metadata["mean"] = np.load(pathlib.Path(version_dir) / "assets.extra" / "mean.npy")
+    return model, metadata

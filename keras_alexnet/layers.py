@@ -79,3 +79,50 @@ class LocalResponseNormalization(keras.layers.Layer):
             "alpha": self.alpha,
             "beta": self.beta,
         }
+
+
+@keras.saving.register_keras_serializable(package="keras_alexnet")
+class AdaptiveAveragePooling2D(keras.layers.Layer):
+    """Average pooling to a fixed ``output_size x output_size`` grid, as PyTorch's
+    ``AdaptiveAvgPool2d`` (torchvision's AlexNet ends its features with one, 6x6).
+
+    Output cell ``(i, j)`` of an ``H x W`` input averages rows
+    ``floor(i H / s) .. ceil((i + 1) H / s) - 1`` and the same columns of ``W``, so the
+    bins may overlap and are all non-empty for any ``H, W >= 1``. When ``H == W == s``
+    (torchvision's 224-pixel input: pool5 is 6x6) it is the identity. Needs static
+    spatial dimensions (the bins are computed when the graph is built).
+
+    Args:
+        output_size: side ``s`` of the output grid. Defaults to 6.
+    """
+
+    def __init__(self, output_size=6, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(output_size, bool) or not isinstance(output_size, int) or output_size < 1:
+            raise ValueError(
+                f"`output_size` must be a positive integer. Received: {output_size!r}")
+        self.output_size = output_size
+
+    @staticmethod
+    def _bins(length, size):
+        return [((i * length) // size, -((-(i + 1) * length) // size)) for i in range(size)]
+
+    def call(self, inputs):
+        height, width = inputs.shape[1], inputs.shape[2]
+        if height is None or width is None:
+            raise ValueError("AdaptiveAveragePooling2D needs static spatial dimensions; "
+                             f"received input shape {inputs.shape}.")
+        if height == width == self.output_size:
+            return inputs
+        rows = []
+        for top, bottom in self._bins(height, self.output_size):
+            cells = [tf.reduce_mean(inputs[:, top:bottom, left:right, :], axis=(1, 2))
+                     for left, right in self._bins(width, self.output_size)]
+            rows.append(tf.stack(cells, axis=1))
+        return tf.stack(rows, axis=1)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.output_size, self.output_size, input_shape[3])
+
+    def get_config(self):
+        return {**super().get_config(), "output_size": self.output_size}

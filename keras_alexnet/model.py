@@ -30,7 +30,7 @@ import keras
 import tensorflow as tf
 
 from keras_alexnet import paper
-from keras_alexnet.layers import LocalResponseNormalization
+from keras_alexnet.layers import AdaptiveAveragePooling2D, LocalResponseNormalization
 
 INITIALIZERS = ("paper", "he", "glorot")
 
@@ -39,6 +39,17 @@ VARIANTS = {
     "krizhevsky2012": dict(towers=2, use_lrn=True),
     # Same widths in one branch (the half-width-per-GPU split removed): 62,378,344.
     "single_tower": dict(towers=1, use_lrn=True),
+    # Caffe's bvlc_alexnet: the paper's two towers with Caffe's LRN constants (k = 1,
+    # alpha 1e-4 divided by n); the layout the Caffe converter fills (60,965,224).
+    "caffe": dict(towers=2, use_lrn=True, lrn_bias=paper.CAFFE_LRN_BIAS,
+                  lrn_alpha=paper.CAFFE_LRN_ALPHA),
+    # torchvision.models.alexnet: one tower of 64-192-384-256-256, conv1 padded by 2, no
+    # LRN, adaptive 6x6 average pooling, 224 inputs scaled by 1 / (255 std) per channel
+    # after the (0-255) mean subtraction: 61,100,840 parameters.
+    "torchvision": dict(
+        towers=1, use_lrn=False, conv_filters=paper.TORCHVISION_CONV_FILTERS,
+        conv1_padding=2, adaptive_pool=6, image_size=paper.TORCHVISION_IMAGE_SIZE,
+        input_scale=[1.0 / (255.0 * std) for std in paper.TORCHVISION_STD]),
 }
 
 
@@ -102,6 +113,7 @@ _PLACED = {
     keras.layers.MaxPooling2D: PlacedMaxPooling2D,
     keras.layers.Flatten: PlacedFlatten,
     LocalResponseNormalization: PlacedLocalResponseNormalization,
+    AdaptiveAveragePooling2D: _placed(AdaptiveAveragePooling2D),
 }
 
 
@@ -170,36 +182,42 @@ def max_pool(x, name, suffix, device=None):
                   pool_size=paper.POOL_SIZE, strides=paper.POOL_STRIDE)
 
 
-def norm_pool(x, stage, suffix, *, use_lrn, device=None):
-    """``norm{stage}`` (LRN, when ``use_lrn``) then ``pool{stage}``, on one tower's maps."""
-    if use_lrn:
-        x = _apply(LocalResponseNormalization, x, device, name=f"norm{stage}{suffix}")
+def norm_pool(x, stage, suffix, *, lrn, device=None):
+    """``norm{stage}`` (LRN with the keyword arguments ``lrn``; none when ``lrn`` is
+    ``None``) then ``pool{stage}``, on one tower's maps."""
+    if lrn is not None:
+        x = _apply(LocalResponseNormalization, x, device, name=f"norm{stage}{suffix}", **lrn)
     return max_pool(x, f"pool{stage}", suffix, device)
 
 
-def lower_tower(x, filters, suffix, init, *, use_lrn, device=None):
+def lower_tower(x, filters, suffix, init, *, lrn, device=None):
     """conv1 11x11/4 -> norm1 -> pool1 -> conv2 5x5 -> norm2 -> pool2 of one tower.
 
-    ``filters`` are the tower's (conv1, conv2) widths. Each tower reads the whole image
-    but normalises and convolves only its own maps, as on the paper's two GPUs.
+    ``filters`` are the tower's (conv1, conv2) widths; ``lrn`` the LRN layers' keyword
+    arguments, or ``None`` for none. Each tower reads the whole image but normalises and
+    convolves only its own maps, as on the paper's two GPUs.
     """
     conv1_filters, conv2_filters = filters
     x = conv_block(x, conv1_filters, 11, "conv1", suffix, init, strides=4,
                    padding="valid", device=device)
-    x = norm_pool(x, 1, suffix, use_lrn=use_lrn, device=device)
+    x = norm_pool(x, 1, suffix, lrn=lrn, device=device)
     x = conv_block(x, conv2_filters, 5, "conv2", suffix, init, device=device)
-    return norm_pool(x, 2, suffix, use_lrn=use_lrn, device=device)
+    return norm_pool(x, 2, suffix, lrn=lrn, device=device)
 
 
-def upper_tower(x, filters, suffix, init, *, device=None):
-    """conv3 -> conv4 -> conv5 (3x3 each) -> pool5 -> flatten of one tower.
+def upper_tower(x, filters, suffix, init, *, adaptive_pool=None, device=None):
+    """conv3 -> conv4 -> conv5 (3x3 each) -> pool5 [-> avgpool] -> flatten of one tower.
 
     ``filters`` are the tower's (conv3, conv4, conv5) widths. ``x`` holds both towers'
-    maps (conv3 crosses); conv4 and conv5 read only their own tower's.
+    maps (conv3 crosses); conv4 and conv5 read only their own tower's. ``adaptive_pool``
+    (torchvision's 6) adds an adaptive average pool named ``avgpool`` after pool5.
     """
     for name, tower_filters in zip(("conv3", "conv4", "conv5"), filters):
         x = conv_block(x, tower_filters, 3, name, suffix, init, device=device)
     x = max_pool(x, "pool5", suffix, device)
+    if adaptive_pool is not None:
+        x = _apply(AdaptiveAveragePooling2D, x, device, name=f"avgpool{suffix}",
+                   output_size=adaptive_pool)
     return _apply(keras.layers.Flatten, x, device, name=f"flatten{suffix}")
 
 
@@ -229,6 +247,16 @@ class AlexNet(keras.Model):
             test and demo configurations.
         towers: 2 for the paper's two towers, 1 for a single branch.
         use_lrn: whether to apply LRN after conv1 and conv2.
+        lrn_bias: LRN's ``k`` (2 in the paper, 1 in Caffe).
+        lrn_alpha: LRN's ``alpha``, multiplying the plain sum over the window (1e-4 in
+            the paper; Caffe's ``alpha / n`` for Caffe's weights).
+        conv_filters: the five convolutions' widths at ``width=1`` (the paper's
+            96-256-384-384-256; torchvision's 64-192-384-256-256), split evenly between
+            the towers.
+        conv1_padding: zero padding on each side of the image before conv1, as a
+            ``ZeroPadding2D`` named ``conv1_pad`` (0 in the paper, 2 in torchvision).
+        adaptive_pool: ``None`` (the paper), or the side of an adaptive average pool
+            after pool5 (torchvision's 6), named ``avgpool``.
         dropout_rate: dropout on the fc6 and fc7 outputs (0.5 in the paper).
         initializer: ``"paper"`` (weights N(0, 0.01), biases 1 in conv2, conv4,
             conv5, fc6, fc7 and 0 elsewhere), ``"he"`` (He normal, zero biases) or
@@ -262,6 +290,11 @@ class AlexNet(keras.Model):
         width=1.0,
         towers=2,
         use_lrn=True,
+        lrn_bias=paper.LRN_BIAS,
+        lrn_alpha=paper.LRN_ALPHA,
+        conv_filters=paper.CONV_FILTERS,
+        conv1_padding=0,
+        adaptive_pool=None,
         dropout_rate=paper.DROPOUT_RATE,
         initializer="paper",
         input_scale=None,
@@ -297,10 +330,29 @@ class AlexNet(keras.Model):
             raise ValueError(f"`dropout_rate` must be in [0, 1). Received: {dropout_rate!r}")
         if weight_decay < 0:
             raise ValueError(f"`weight_decay` must be >= 0. Received: {weight_decay!r}")
+        conv_filters = tuple(conv_filters)
+        if len(conv_filters) != 5 or not all(isinstance(f, int) and f > 0 for f in conv_filters):
+            raise ValueError("`conv_filters` must be five positive integers (conv1..conv5). "
+                             f"Received: {conv_filters!r}")
+        if isinstance(conv1_padding, bool) or not isinstance(conv1_padding, int) \
+                or conv1_padding < 0:
+            raise ValueError(
+                f"`conv1_padding` must be an integer >= 0. Received: {conv1_padding!r}")
+        if adaptive_pool is not None and (isinstance(adaptive_pool, bool)
+                                          or not isinstance(adaptive_pool, int)
+                                          or adaptive_pool < 1):
+            raise ValueError(
+                f"`adaptive_pool` must be None or a positive integer. Received: {adaptive_pool!r}")
+        if isinstance(input_scale, (list, tuple)):
+            input_scale = [float(v) for v in input_scale]
+            if len(input_scale) != 3:
+                raise ValueError("`input_scale` must be a number or three (one per RGB "
+                                 f"channel). Received: {input_scale!r}")
+        lrn = dict(bias=lrn_bias, alpha=lrn_alpha) if use_lrn else None
 
         suffixes = ("",) if towers == 1 else ("_a", "_b")
         branches = list(zip(suffixes, tower_devices or (None,) * towers))  # (suffix, device)
-        conv_filters = [_scaled(f, width, towers) // towers for f in paper.CONV_FILTERS]
+        tower_filters = [_scaled(f, width, towers) // towers for f in conv_filters]
         fc_units = [_scaled(u, width, towers) // towers for u in paper.FC_UNITS]
         init = _WeightSettings(initializer, seed, weight_decay)
 
@@ -310,10 +362,13 @@ class AlexNet(keras.Model):
             x = images
             if input_scale is not None:
                 x = keras.layers.Rescaling(input_scale, name="input_scale")(x)
-            lower = [lower_tower(x, conv_filters[:2], s, init, use_lrn=use_lrn, device=d)
+            if conv1_padding:
+                x = keras.layers.ZeroPadding2D(conv1_padding, name="conv1_pad")(x)
+            lower = [lower_tower(x, tower_filters[:2], s, init, lrn=lrn, device=d)
                      for s, d in branches]
             x = merge(lower, "cross3")  # conv3 reads both towers
-            upper = [upper_tower(x, conv_filters[2:], s, init, device=d) for s, d in branches]
+            upper = [upper_tower(x, tower_filters[2:], s, init, adaptive_pool=adaptive_pool,
+                                 device=d) for s, d in branches]
             x = merge(upper, "cross6")  # fc6 reads both towers
             for stage, units in zip((6, 7), fc_units):
                 x = merge([dense_block(x, units, f"fc{stage}", s, init, device=d)
@@ -329,6 +384,11 @@ class AlexNet(keras.Model):
         self.width = width
         self.towers = towers
         self.use_lrn = use_lrn
+        self.lrn_bias = float(lrn_bias)
+        self.lrn_alpha = float(lrn_alpha)
+        self.conv_filters = conv_filters
+        self.conv1_padding = conv1_padding
+        self.adaptive_pool = adaptive_pool
         self.dropout_rate = dropout_rate
         self.initializer = initializer
         self.input_scale = input_scale
@@ -379,6 +439,11 @@ class AlexNet(keras.Model):
             "width": self.width,
             "towers": self.towers,
             "use_lrn": self.use_lrn,
+            "lrn_bias": self.lrn_bias,
+            "lrn_alpha": self.lrn_alpha,
+            "conv_filters": list(self.conv_filters),
+            "conv1_padding": self.conv1_padding,
+            "adaptive_pool": self.adaptive_pool,
             "dropout_rate": self.dropout_rate,
             "initializer": self.initializer,
             "input_scale": self.input_scale,

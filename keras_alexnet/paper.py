@@ -64,3 +64,28 @@ EPOCHS = 90
 
 # Fig. 2 / Sec. 3.1 with 227x227 inputs, two towers, 1000 classes (= Caffe bvlc_alexnet).
 PARAMETER_COUNT = 60_965_224
+
+# ---------------------------------------------------------------------------------------
+# The two published weight sets this package converts (keras_alexnet.convert).
+
+# Caffe's bvlc_alexnet (BVLC model zoo, models/bvlc_alexnet/deploy.prototxt): the paper's
+# two-group network at 227x227, trained on BGR 0-255 pixels minus the ImageNet mean image
+# (ilsvrc_2012_mean.binaryproto), whose per-channel average is CAFFE_MEAN_BGR. Its LRN
+# layers are local_size 5, alpha 1e-4, beta 0.75 and Caffe's default k = 1, with Caffe's
+# convention scale = k + alpha / n * sum: here alpha / n (see layers.LocalResponseNormalization).
+# Top-1/top-5 accuracy 57.1 % / 80.2 % (centre crop, ILSVRC2012 val; BVLC model zoo readme).
+CAFFE_LRN_BIAS = 1.0
+CAFFE_LRN_ALPHA = 1e-4 / LRN_SIZE
+CAFFE_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)
+
+# torchvision.models.alexnet (AlexNet_Weights.IMAGENET1K_V1), after "One weird trick"
+# (Krizhevsky 2014): one tower of 64-192-384-256-256 filters, conv1 11x11/4 padded by 2,
+# no LRN, an adaptive 6x6 average pool after pool5; 224x224 inputs resized to 256 on the
+# shorter side, scaled to [0, 1] and normalised with the ImageNet mean and std below.
+# 61,100,840 parameters; top-1/top-5 accuracy 56.522 % / 79.066 % (torchvision docs).
+TORCHVISION_CONV_FILTERS = (64, 192, 384, 256, 256)
+TORCHVISION_IMAGE_SIZE = 224
+TORCHVISION_RESIZE_SIZE = 256
+TORCHVISION_MEAN = (0.485, 0.456, 0.406)
+TORCHVISION_STD = (0.229, 0.224, 0.225)
+TORCHVISION_PARAMETER_COUNT = 61_100_840

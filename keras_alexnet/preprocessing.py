@@ -17,7 +17,10 @@ encoded image of any size the steps are:
 
 Smaller inputs (``image_size`` below 227, for tests and demos) scale the whole
 recipe: the square side becomes ``round(image_size * 256 / 227)`` (`resize_size`), so
-a crop always covers the same 89% of the picture as the paper's 227 of 256.
+a crop always covers the same 89% of the picture as the paper's 227 of 256. Weights
+trained with another recipe pass their own square side as ``resize`` (torchvision's
+224 crops come from 256, `paper.TORCHVISION_RESIZE_SIZE`); the default ``None`` means
+`resize_size` of the crop size.
 
 Random choices are stateless, driven by an explicit ``seed`` tensor of shape ``(2,)``,
 so a ``tf.data`` pipeline that hands each element its own seed is deterministic.
@@ -41,8 +44,16 @@ def decode_image(image_bytes):
     return image
 
 
-def resize_size(image_size=paper.IMAGE_SIZE):
-    """Side of the square an ``image_size`` crop is taken from: 256 for the paper's 227."""
+def resize_size(image_size=paper.IMAGE_SIZE, resize=None):
+    """Side of the square an ``image_size`` crop is taken from: 256 for the paper's 227.
+
+    An explicit ``resize`` (a side of at least ``image_size``) wins.
+    """
+    if resize is not None:
+        if isinstance(resize, bool) or not isinstance(resize, int) or resize < image_size:
+            raise ValueError(f"`resize` must be an integer >= the crop size {image_size}. "
+                             f"Received: resize={resize!r}")
+        return resize
     if image_size == paper.IMAGE_SIZE:
         return paper.RESIZE_SIZE
     return int(round(image_size * paper.RESIZE_SIZE / paper.IMAGE_SIZE))
@@ -108,15 +119,17 @@ def random_crop_flip(image, size, seed):
     return tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
 
 
-def eval_from_image(image, image_size=paper.IMAGE_SIZE, mean=paper.IMAGENET_MEAN_RGB):
+def eval_from_image(image, image_size=paper.IMAGE_SIZE, mean=paper.IMAGENET_MEAN_RGB,
+                    resize=None):
     """Evaluation pixels from a decoded ``uint8 [H, W, 3]`` image: ``float32 [S, S, 3]``."""
-    square = resize_to_square(image, resize_size(image_size))
+    square = resize_to_square(image, resize_size(image_size, resize))
     return center_crop(subtract_mean(square, mean), image_size)
 
 
-def eval_from_bytes(image_bytes, image_size=paper.IMAGE_SIZE, mean=paper.IMAGENET_MEAN_RGB):
+def eval_from_bytes(image_bytes, image_size=paper.IMAGE_SIZE, mean=paper.IMAGENET_MEAN_RGB,
+                    resize=None):
     """Evaluation pixels from encoded bytes: decode, 256 rescale/crop, mean, centre crop."""
-    return eval_from_image(decode_image(image_bytes), image_size, mean)
+    return eval_from_image(decode_image(image_bytes), image_size, mean, resize)
 
 
 def train_from_image(
@@ -125,13 +138,14 @@ def train_from_image(
     image_size=paper.IMAGE_SIZE,
     mean=paper.IMAGENET_MEAN_RGB,
     pca_std=paper.PCA_ALPHA_STD,
+    resize=None,
 ):
     """Training pixels from a decoded image: 256 rescale/crop, PCA noise, mean, crop, flip.
 
     ``pca_std=0`` turns the colour noise off.
     """
     pca_seed, crop_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    image = resize_to_square(image, resize_size(image_size))
+    image = resize_to_square(image, resize_size(image_size, resize))
     # (image + offset) - mean as one pass over the pixels: image - (mean - offset).
     shift = tf.cast(mean, tf.float32)
     if pca_std:
@@ -140,15 +154,15 @@ def train_from_image(
 
 
 def train_from_bytes(image_bytes, seed, image_size=paper.IMAGE_SIZE,
-                     mean=paper.IMAGENET_MEAN_RGB, pca_std=paper.PCA_ALPHA_STD):
+                     mean=paper.IMAGENET_MEAN_RGB, pca_std=paper.PCA_ALPHA_STD, resize=None):
     """`train_from_image` on encoded bytes."""
-    return train_from_image(decode_image(image_bytes), seed, image_size, mean, pca_std)
+    return train_from_image(decode_image(image_bytes), seed, image_size, mean, pca_std, resize)
 
 
-def resolve_mean(mean, image_size=paper.IMAGE_SIZE):
+def resolve_mean(mean, image_size=paper.IMAGE_SIZE, resize=None):
     """A mean as a float32 NumPy array: ``"imagenet"``, a sequence of 3, or a ``.npy`` path.
 
-    A per-pixel mean image must be ``resize_size(image_size)`` square.
+    A per-pixel mean image must be ``resize_size(image_size, resize)`` square.
     """
     if mean is None or (isinstance(mean, str) and mean == "imagenet"):
         return np.asarray(paper.IMAGENET_MEAN_RGB, np.float32)
@@ -156,7 +170,7 @@ def resolve_mean(mean, image_size=paper.IMAGE_SIZE):
         array = np.load(mean)
     else:
         array = np.asarray(mean, np.float32)
-    side = resize_size(image_size)
+    side = resize_size(image_size, resize)
     if array.shape not in ((3,), (side, side, 3)):
         raise ValueError(
             f"A mean must have shape (3,) or ({side}, {side}, 3) for {image_size}-pixel "
@@ -183,7 +197,8 @@ def ten_crop(square, size):
     return crops
 
 
-def ten_crop_from_image(image, image_size=paper.IMAGE_SIZE, mean=paper.IMAGENET_MEAN_RGB):
+def ten_crop_from_image(image, image_size=paper.IMAGE_SIZE, mean=paper.IMAGENET_MEAN_RGB,
+                        resize=None):
     """`ten_crop` of a decoded image after the 256 rescale/crop and the mean subtraction."""
-    square = subtract_mean(resize_to_square(image, resize_size(image_size)), mean)
+    square = subtract_mean(resize_to_square(image, resize_size(image_size, resize)), mean)
     return ten_crop(square, image_size)

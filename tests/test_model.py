@@ -28,6 +28,42 @@ def test_parameter_count_is_the_papers(full_model):
     assert alexnet("single_tower").count_params() == 62_378_344
 
 
+def test_torchvision_variant_has_torchvisions_layout_and_parameter_count():
+    """torchvision.models.alexnet: 61,100,840 parameters (its documentation), 224 input."""
+    model = alexnet("torchvision")
+    assert model.count_params() == 61_100_840 == paper.TORCHVISION_PARAMETER_COUNT
+    assert [model.get_layer(f"conv{i}").filters for i in range(1, 6)] == [64, 192, 384, 256, 256]
+    names = [layer.name for layer in model.layers]
+    assert not any(name.startswith("norm") for name in names)
+    assert model.get_layer("conv1").output.shape[1:3] == (55, 55)  # (224 + 2 * 2 - 11) // 4 + 1
+    assert model.get_layer("avgpool").output.shape[1:] == (6, 6, 256)
+    assert model.get_layer("fc6").kernel.shape == (9216, 4096)
+
+
+def test_caffe_variant_is_the_papers_layout_with_caffes_lrn_constants():
+    model = alexnet("caffe")
+    assert model.count_params() == paper.PARAMETER_COUNT
+    norm = model.get_layer("norm1_a")
+    assert (norm.size, norm.bias, norm.beta) == (5, 1.0, 0.75)
+    assert norm.alpha == pytest.approx(2e-5)  # Caffe's alpha 1e-4 divided by local_size 5
+
+
+@pytest.mark.parametrize("size, out", [(13, 6), (6, 6), (2, 6), (7, 3), (1, 1)])
+def test_adaptive_average_pooling_matches_pytorchs_bins(size, out):
+    """PyTorch's AdaptiveAvgPool2d bins: rows floor(i H / s) to ceil((i + 1) H / s)."""
+    from keras_alexnet.layers import AdaptiveAveragePooling2D
+
+    x = np.random.default_rng(0).normal(size=(2, size, size + 1, 3))
+    expected = np.zeros((2, out, out, 3))
+    for i in range(out):
+        r0, r1 = (i * size) // out, -(-((i + 1) * size) // out)
+        for j in range(out):
+            c0, c1 = (j * (size + 1)) // out, -(-((j + 1) * (size + 1)) // out)
+            expected[:, i, j] = x[:, r0:r1, c0:c1].mean(axis=(1, 2))
+    got = AdaptiveAveragePooling2D(out)(x.astype("float32")).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_per_layer_parameter_counts(full_model):
     expected = {"conv1": 34_944, "conv2": 307_456, "conv3": 885_120, "conv4": 663_936,
                 "conv5": 442_624, "fc6": 37_752_832, "fc7": 16_781_312, "fc8": 4_097_000}
@@ -89,7 +125,7 @@ def test_small_configurations_and_validation():
         tiny(towers=3)
     with pytest.raises(ValueError, match="variant"):
         alexnet("vgg")
-    assert set(VARIANTS) == {"krizhevsky2012", "single_tower"}
+    assert set(VARIANTS) == {"krizhevsky2012", "single_tower", "caffe", "torchvision"}
 
 
 def test_gradient_reaches_every_weight():
