@@ -17,6 +17,12 @@ existing integer version) with three signatures:
   encoded image in the bytes feature ``image/encoded`` -> ``classes`` ``DT_STRING
   [batch, 5]`` (the labels) and ``scores``, the layout TensorFlow Serving's Classify
   API expects.
+* ``features``: ``images`` ``DT_STRING [batch]`` (the same checked preprocessing as
+  ``serving_default``) -> ``features`` ``DT_FLOAT [batch, D]``: the activations of a
+  hidden layer (`keras_alexnet.features`), by default fc7 after its ReLU (4096-d for
+  the full model), the DeCAF transfer descriptor. Only models that have the layer get
+  it (a generic Keras model has none); the metadata's ``features`` entry names the
+  layer and D (``null`` without the signature).
 
 Images whose header declares more than `MAX_IMAGE_PIXELS` pixels (for a GIF: all its
 frames together) are rejected before decoding (``InvalidArgumentError``), so one
@@ -37,12 +43,15 @@ import numpy as np
 import tensorflow as tf
 
 from keras_alexnet import faults, files, preprocessing
+from keras_alexnet import features as feature_layers
 
 TOP_K = 5
 MAX_IMAGE_PIXELS = 50_000_000
 METADATA_FILE = "alexnet_export.json"
 _OWN_METADATA = ("class_names", "image_size", "mean", "resize_size", "signatures", "top_k",
-                 "model")
+                 "model", "features")
+FEATURES_SIGNATURE = "features"
+DEFAULT_FEATURES = "fc7"  # the layer of the ``features`` signature unless told otherwise
 
 
 def top_k_for(num_classes):
@@ -256,8 +265,9 @@ def _checked_eval_pixels(image_bytes, image_size, mean, resize=None):
 class _Endpoints:
     """The signature functions over a model, its label strings and its preprocessing."""
 
-    def __init__(self, model, labels, mean, resize=None):
+    def __init__(self, model, labels, mean, resize=None, extractor=None):
         self.model = model
+        self.extractor = extractor  # model input -> feature layer (``features``), or None
         self.size = int(model.input_shape[1])
         self.resize = preprocessing.resize_size(self.size, resize)
         self.labels = tf.constant(labels, tf.string)
@@ -307,6 +317,16 @@ class _Endpoints:
             pixels = tf.identity(pixels)
         return self.top_k(pixels, with_probabilities=True)
 
+    def serve_features(self, images):
+        pixels = self.pixels_from_bytes(images)
+        dim = int(self.extractor.output_shape[-1])
+        # The same empty-batch guard as `top_k`: the extractor is a plain functional model.
+        return {"features": tf.cond(
+            tf.shape(pixels)[0] > 0,
+            lambda: tf.cast(self.extractor(pixels, training=False), tf.float32),
+            lambda: tf.zeros([0, dim], tf.float32),
+        )}
+
     def classify(self, inputs):
         features = tf.io.parse_example(
             inputs, {"image/encoded": tf.io.FixedLenFeature([], tf.string)}
@@ -329,8 +349,26 @@ def model_record(model):
     return record
 
 
+def _features_extractor(model, layer):
+    """``(extractor model, metadata entry)`` of the ``features`` signature, or ``(None, None)``.
+
+    ``layer`` ``None`` or ``False``: none; `DEFAULT_FEATURES`: fc7 when the model has it.
+    """
+    if layer is None or layer is False:
+        return None, None
+    found = feature_layers.find_layer(model, layer)
+    if found is None:
+        if layer == DEFAULT_FEATURES:
+            return None, None
+        raise ValueError(f"The model has no {layer} layer for the features signature; pass "
+                         f"features=None to export without one.")
+    extractor = feature_layers.feature_extractor(model, layer)
+    return extractor, {"layer": layer, "keras_layer": found.name,
+                       "dim": int(extractor.output_shape[-1])}
+
+
 def export_saved_model(model, base_dir, class_names, *, version=None, mean=None, resize=None,
-                       metadata=None):
+                       metadata=None, features=DEFAULT_FEATURES):
     """Exports ``model`` as SavedModel version ``<base_dir>/<version>/``.
 
     Args:
@@ -352,7 +390,8 @@ def export_saved_model(model, base_dir, class_names, *, version=None, mean=None,
 
     Raises:
         ValueError: if the class count disagrees with the model's outputs, the
-            version exists already, or the version is not a positive integer.
+            version exists already, or the version is not a positive integer, or the
+            model lacks an explicitly requested ``features`` layer.
     """
     class_names = [str(name) for name in class_names]
     num_outputs = int(model.output_shape[-1])
@@ -372,7 +411,8 @@ def export_saved_model(model, base_dir, class_names, *, version=None, mean=None,
         raise ValueError(f"Version {version} already exists at {target}; export a new version.")
     base.mkdir(parents=True, exist_ok=True)
     mean = preprocessing.resolve_mean(mean, int(model.input_shape[1]), resize)
-    endpoints = _Endpoints(model, class_names, mean, resize)
+    extractor, features_record = _features_extractor(model, features)
+    endpoints = _Endpoints(model, class_names, mean, resize, extractor)
     size = endpoints.size
     extra = dict(metadata or {})
     json.dumps(extra)  # fails here, before anything is written, if not serializable
@@ -397,6 +437,14 @@ def export_saved_model(model, base_dir, class_names, *, version=None, mean=None,
         endpoints.classify,
         input_signature=[tf.TensorSpec([None], tf.string, name="inputs")],
     )
+    signatures = ["serving_default", "serving_pixels", "classify"]
+    if extractor is not None:
+        archive.add_endpoint(
+            FEATURES_SIGNATURE,
+            endpoints.serve_features,
+            input_signature=[tf.TensorSpec([None], tf.string, name="images")],
+        )
+        signatures.append(FEATURES_SIGNATURE)
     # A hidden name (TF Serving ignores non-numeric directories) on the same filesystem,
     # renamed into place only once complete.
     with files.staged_directory(target, tag=str(version)) as staging:
@@ -406,9 +454,10 @@ def export_saved_model(model, base_dir, class_names, *, version=None, mean=None,
             "image_size": size,
             "mean": np.asarray(mean).tolist() if np.asarray(mean).size == 3 else "per-pixel",
             "resize_size": endpoints.resize,
-            "signatures": ["serving_default", "serving_pixels", "classify"],
+            "signatures": signatures,
             "top_k": top_k,
             "model": model_record(model),
+            "features": features_record,
         }
         assert set(record) == set(_OWN_METADATA)
         record.update(extra)
