@@ -118,6 +118,7 @@ def main(argv=None):
         "train_top1_error": train_top1,
         "converged": fitted.converged,
         "export": None,
+        "export_deviation": None,
     }
     print(f"Linear probe ({args.classifier}, C={args.C:g}) on {args.layer} "
           f"({summary['dim']}-d), {summary['num_train']} training / "
@@ -137,7 +138,12 @@ def main(argv=None):
                                          resize=loaded.resize, features=args.layer,
                                          metadata={"probe": record})
         summary["export"] = str(path)
+        summary["export_deviation"] = fitted.folded_deviation(val_x)
         print(f"Exported the probe to {path}")
+        if summary["export_deviation"] > 1e-3:
+            print(f"  warning: in float32 the exported head's logits differ from the probe's "
+                  f"by up to {100 * summary['export_deviation']:.2g}% of the largest score "
+                  "(features that hardly vary; see LinearProbe.folded_deviation)")
     if args.json:
         from keras_alexnet import files
 

@@ -12,8 +12,9 @@ classes (DeCAF, Donahue et al. 2014: logistic regression and linear SVMs on fc6/
 `LinearProbe.folded` folds the scaler into the classifier's weights
 (``W' = W / sigma``, ``b' = b - W mu / sigma``), so `probe_model` is the frozen network
 up to the feature layer followed by one ``Dense`` named ``probe`` whose logits equal the
-probe's `LinearProbe.scores`; `keras_alexnet.export.export_saved_model` serves it like
-any classifier (and its ``features`` signature returns the probed layer).
+probe's `LinearProbe.scores` (to float32 rounding: `LinearProbe.folded_deviation`);
+`keras_alexnet.export.export_saved_model` serves it like any classifier (and its
+``features`` signature returns the probed layer).
 """
 
 import dataclasses
@@ -82,6 +83,21 @@ class LinearProbe:
         kernel = coef / sigma
         bias = intercept - kernel @ mu
         return kernel.T.astype(np.float32), bias.astype(np.float32)
+
+    def folded_deviation(self, features):
+        """How far the folded float32 head strays from `scores` on ``features``: the
+        largest absolute difference relative to the largest score.
+
+        Folding is exact in real arithmetic, but in float32 the products ``x W / sigma``
+        and the bias cancel where a feature hardly varies (``mu`` many ``sigma`` away
+        from 0, as in an untrained network with biases of 1); a trained AlexNet's sparse
+        ReLU features give about 1e-7.
+        """
+        kernel, bias = self.folded()
+        logits = np.asarray(features, np.float32) @ kernel + bias  # float32, as the Dense
+        reference = self.scores(features)
+        scale = max(float(np.abs(reference).max()), 1e-12)
+        return float(np.abs(logits.astype(np.float64) - reference).max() / scale)
 
 
 def fit(features, labels, num_classes, classifier="logistic", C=1.0, max_iter=DEFAULT_MAX_ITER,
