@@ -40,9 +40,10 @@ VARIANTS = {
     # Same widths in one branch (the half-width-per-GPU split removed): 62,378,344.
     "single_tower": dict(towers=1, use_lrn=True),
     # Caffe's bvlc_alexnet: the paper's two towers with Caffe's LRN constants (k = 1,
-    # alpha 1e-4 divided by n); the layout the Caffe converter fills (60,965,224).
+    # alpha 1e-4 divided by n), normalising across both towers' channels as Caffe's
+    # single norm1/norm2 layers do; the layout the Caffe converter fills (60,965,224).
     "caffe": dict(towers=2, use_lrn=True, lrn_bias=paper.CAFFE_LRN_BIAS,
-                  lrn_alpha=paper.CAFFE_LRN_ALPHA),
+                  lrn_alpha=paper.CAFFE_LRN_ALPHA, lrn_across_towers=True),
     # torchvision.models.alexnet: one tower of 64-192-384-256-256, conv1 padded by 2, no
     # LRN, adaptive 6x6 average pooling, 224 inputs scaled by 1 / (255 std) per channel
     # after the (0-255) mean subtraction: 61,100,840 parameters.
@@ -205,6 +206,39 @@ def lower_tower(x, filters, suffix, init, *, lrn, device=None):
     return norm_pool(x, 2, suffix, lrn=lrn, device=device)
 
 
+def norm_across_towers(branches, stage, lrn, device=None):
+    """Caffe's ``norm{stage}``: one LRN over both towers' channels (tower a's first, as in
+    Caffe's blob), on their concatenation ``cross_norm{stage}``, split back in halves.
+
+    In Caffe's bvlc_alexnet norm1/norm2 normalise the whole 96/256-channel blob, so the
+    windows of the channels next to the split (46-49, 126-129) reach into the other
+    group; the paper's GPUs normalised each tower alone (`norm_pool`).
+    """
+    width = int(branches[0].shape[-1])
+    with _device_scope(device):
+        joined = merge(branches, f"cross_norm{stage}")
+        joined = LocalResponseNormalization(name=f"norm{stage}", **lrn)(joined)
+        return [joined[..., :width], joined[..., width:]]
+
+
+def lower_towers_across(x, filters, branches, init, *, lrn):
+    """`lower_tower` of both towers with `norm_across_towers` in place of per-tower LRN.
+
+    ``branches`` are the towers' ``(suffix, device)``; the shared LRN runs on the first
+    tower's device. Returns the two pool2 outputs.
+    """
+    conv1_filters, conv2_filters = filters
+    first = branches[0][1]
+    x = [conv_block(x, conv1_filters, 11, "conv1", s, init, strides=4, padding="valid",
+                    device=d) for s, d in branches]
+    x = [max_pool(t, "pool1", s, d)
+         for t, (s, d) in zip(norm_across_towers(x, 1, lrn, first), branches)]
+    x = [conv_block(t, conv2_filters, 5, "conv2", s, init, device=d)
+         for t, (s, d) in zip(x, branches)]
+    return [max_pool(t, "pool2", s, d)
+            for t, (s, d) in zip(norm_across_towers(x, 2, lrn, first), branches)]
+
+
 def upper_tower(x, filters, suffix, init, *, adaptive_pool=None, device=None):
     """conv3 -> conv4 -> conv5 (3x3 each) -> pool5 [-> avgpool] -> flatten of one tower.
 
@@ -250,6 +284,10 @@ class AlexNet(keras.Model):
         lrn_bias: LRN's ``k`` (2 in the paper, 1 in Caffe).
         lrn_alpha: LRN's ``alpha``, multiplying the plain sum over the window (1e-4 in
             the paper; Caffe's ``alpha / n`` for Caffe's weights).
+        lrn_beta: LRN's ``beta`` (0.75 in the paper and in Caffe).
+        lrn_across_towers: with two towers, normalise both towers' channels together
+            (Caffe's bvlc_alexnet: its norm1/norm2 see the whole blob) instead of each
+            tower alone (the paper's GPUs). The shared LRN layers are ``norm1``/``norm2``.
         conv_filters: the five convolutions' widths at ``width=1`` (the paper's
             96-256-384-384-256; torchvision's 64-192-384-256-256), split evenly between
             the towers.
@@ -292,6 +330,8 @@ class AlexNet(keras.Model):
         use_lrn=True,
         lrn_bias=paper.LRN_BIAS,
         lrn_alpha=paper.LRN_ALPHA,
+        lrn_beta=paper.LRN_BETA,
+        lrn_across_towers=False,
         conv_filters=paper.CONV_FILTERS,
         conv1_padding=0,
         adaptive_pool=None,
@@ -348,7 +388,7 @@ class AlexNet(keras.Model):
             if len(input_scale) != 3:
                 raise ValueError("`input_scale` must be a number or three (one per RGB "
                                  f"channel). Received: {input_scale!r}")
-        lrn = dict(bias=lrn_bias, alpha=lrn_alpha) if use_lrn else None
+        lrn = dict(bias=lrn_bias, alpha=lrn_alpha, beta=lrn_beta) if use_lrn else None
 
         suffixes = ("",) if towers == 1 else ("_a", "_b")
         branches = list(zip(suffixes, tower_devices or (None,) * towers))  # (suffix, device)
@@ -364,8 +404,11 @@ class AlexNet(keras.Model):
                 x = keras.layers.Rescaling(input_scale, name="input_scale")(x)
             if conv1_padding:
                 x = keras.layers.ZeroPadding2D(conv1_padding, name="conv1_pad")(x)
-            lower = [lower_tower(x, tower_filters[:2], s, init, lrn=lrn, device=d)
-                     for s, d in branches]
+            if lrn is not None and towers == 2 and lrn_across_towers:
+                lower = lower_towers_across(x, tower_filters[:2], branches, init, lrn=lrn)
+            else:
+                lower = [lower_tower(x, tower_filters[:2], s, init, lrn=lrn, device=d)
+                         for s, d in branches]
             x = merge(lower, "cross3")  # conv3 reads both towers
             upper = [upper_tower(x, tower_filters[2:], s, init, adaptive_pool=adaptive_pool,
                                  device=d) for s, d in branches]
@@ -386,6 +429,8 @@ class AlexNet(keras.Model):
         self.use_lrn = use_lrn
         self.lrn_bias = float(lrn_bias)
         self.lrn_alpha = float(lrn_alpha)
+        self.lrn_beta = float(lrn_beta)
+        self.lrn_across_towers = bool(lrn_across_towers)
         self.conv_filters = conv_filters
         self.conv1_padding = conv1_padding
         self.adaptive_pool = adaptive_pool
@@ -441,6 +486,8 @@ class AlexNet(keras.Model):
             "use_lrn": self.use_lrn,
             "lrn_bias": self.lrn_bias,
             "lrn_alpha": self.lrn_alpha,
+            "lrn_beta": self.lrn_beta,
+            "lrn_across_towers": self.lrn_across_towers,
             "conv_filters": list(self.conv_filters),
             "conv1_padding": self.conv1_padding,
             "adaptive_pool": self.adaptive_pool,

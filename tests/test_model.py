@@ -43,9 +43,24 @@ def test_torchvision_variant_has_torchvisions_layout_and_parameter_count():
 def test_caffe_variant_is_the_papers_layout_with_caffes_lrn_constants():
     model = alexnet("caffe")
     assert model.count_params() == paper.PARAMETER_COUNT
-    norm = model.get_layer("norm1_a")
+    norm = model.get_layer("norm1")  # one LRN over both towers, as Caffe's norm1 layer
+    assert norm.input.shape[-1] == 96 and model.get_layer("norm2").input.shape[-1] == 256
     assert (norm.size, norm.bias, norm.beta) == (5, 1.0, 0.75)
     assert norm.alpha == pytest.approx(2e-5)  # Caffe's alpha 1e-4 divided by local_size 5
+
+
+def test_lrn_across_towers_normalises_the_channels_at_the_boundary_with_both_towers():
+    """conv1 channels 46-49 see the other tower's maps in Caffe's LRN (n = 5), no others."""
+    kwargs = dict(num_classes=3, image_size=67, seed=3, initializer="he", lrn_bias=1.0,
+                  lrn_alpha=0.5)
+    shared = alexnet("krizhevsky2012", lrn_across_towers=True, **kwargs)
+    alone = alexnet("krizhevsky2012", **kwargs)
+    alone.set_weights(shared.get_weights())
+    x = np.random.default_rng(0).uniform(0, 50, (1, 67, 67, 3)).astype("float32")
+    a = keras.Model(shared.input, shared.get_layer("pool1_a").output)(x).numpy()
+    b = keras.Model(alone.input, alone.get_layer("pool1_a").output)(x).numpy()
+    differs = np.abs(a - b).max(axis=(0, 1, 2)) > 1e-6
+    assert list(np.flatnonzero(differs)) == [46, 47]  # tower a: 0-47; n // 2 = 2 reach b
 
 
 @pytest.mark.parametrize("size, out", [(13, 6), (6, 6), (2, 6), (7, 3), (1, 1)])

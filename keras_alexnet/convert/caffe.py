@@ -31,8 +31,9 @@ The conversion, blob by blob (Caffe is NCHW with ``(O, I, kh, kw)`` kernels and
   model gets ``alpha = alpha_caffe / local_size`` and ``bias = k`` (Caffe's default
   ``k = 1``), read from the prototxt (bvlc_alexnet: ``alpha 1e-4``, ``beta 0.75``, no k).
   Caffe's LRN layers are not grouped: they normalise all 96 (256) channels at once, so
-  the model (`build_model`) runs norm1/norm2 on the towers' concatenation, unlike the
-  ``"caffe"`` `AlexNet` variant, whose per-tower LRN differs at the tower boundary;
+  the ``"caffe"`` `AlexNet` variant (`build_model`) runs norm1/norm2 on the towers'
+  concatenation (``lrn_across_towers``), unlike the paper's per-tower LRN, which differs
+  at the tower boundary;
 * pooling: Caffe rounds pooled sizes up (``ceil((H - 3) / 2) + 1``), Keras down. At 227
   inputs every size divides exactly (55 -> 27 -> 13 -> 6), so the two agree; an input
   size where they would differ is refused.
@@ -47,14 +48,12 @@ the whole image to 256 x 256; this package's preprocessing keeps the aspect rati
 import hashlib
 import pathlib
 
-import keras
 import numpy as np
 from google.protobuf import message, text_format
 
 from keras_alexnet import paper
 from keras_alexnet.convert import ConvertedModel, caffe_pb, imagenet_class_names
-from keras_alexnet.layers import LocalResponseNormalization
-from keras_alexnet.model import conv_block, dense_block, max_pool, merge, upper_tower
+from keras_alexnet.model import alexnet
 
 # The BVLC model zoo's readme (models/bvlc_alexnet/readme.md).
 PUBLISHED_SHA1 = "9116a64c0fbe4459d18f4bb6b56d647b63920377"
@@ -431,56 +430,18 @@ def keras_weights(blobs, pool5=6):
     return weights
 
 
-def _zeros(name):
-    """Initializers for `conv_block` / `dense_block`: every weight is overwritten."""
-    return dict(kernel_initializer="zeros", bias_initializer="zeros", kernel_regularizer=None)
-
-
-def _across_towers(branches, stage, lrn):
-    """Caffe's norm{stage}: one LRN over both towers' channels (tower a's first, as in
-    Caffe's blob), named ``norm{stage}`` after ``cross_norm{stage}``, split back in halves."""
-    width = int(branches[0].shape[-1])
-    joined = merge(branches, f"cross_norm{stage}")
-    joined = LocalResponseNormalization(name=f"norm{stage}", **lrn)(joined)
-    return [joined[..., :width], joined[..., width:]]
-
-
 def build_model(num_classes=paper.NUM_CLASSES, image_size=paper.IMAGE_SIZE,
                 lrn_alpha=paper.CAFFE_LRN_ALPHA, lrn_bias=paper.CAFFE_LRN_BIAS,
                 lrn_beta=paper.LRN_BETA, dropout_rate=paper.DROPOUT_RATE):
-    """bvlc_alexnet as a Keras functional model named ``alexnet``: the ``"caffe"`` variant
-    of `keras_alexnet.model.alexnet` except for where LRN normalises.
+    """bvlc_alexnet as the ``"caffe"`` `AlexNet` (LRN across both towers, as Caffe's
+    single norm1/norm2 layers see the whole blob; see `model.norm_across_towers`).
 
-    Caffe's norm1 and norm2 are single LRN layers over the whole conv1 (96) and conv2
-    (256) blobs: the windows of channels 46-49 and 126-129 reach across the groups. The
-    ``"caffe"`` `AlexNet` normalises each tower alone (as on the paper's two GPUs), which
-    changes those channels (by about 2 % of the logits' scale on He-scaled random weights
-    with k = 1, alpha 1e-4 / 5). Here ``norm{stage}`` runs on ``cross_norm{stage}``, the
-    concatenation of the towers (a then b), and its halves feed ``pool{stage}_a`` / ``_b``.
-    Every other layer is built by `keras_alexnet.model`'s blocks with the same names and
-    shapes as the ``"caffe"`` `AlexNet` (``conv1_a`` .. ``fc8``, ``cross3``, ``cross6``,
-    ``cross_fc6``, ``cross_fc7``, ``drop6``, ``drop7``), so its weights are interchangeable
-    with that model's. ``lrn_alpha`` multiplies the plain sum (Caffe's alpha / n); the
-    window is `LRN_SIZE` channels.
-    Weights start at zero (the converter sets all of them).
+    ``lrn_alpha`` multiplies the plain sum (Caffe's alpha / n); the window is `LRN_SIZE`
+    channels. Weights start at zero (the converter sets all of them).
     """
-    lrn = dict(size=LRN_SIZE, bias=lrn_bias, alpha=lrn_alpha, beta=lrn_beta)
-    towers = ("_a", "_b")
-    conv1, conv2, conv3, conv4, conv5 = (f // 2 for f in paper.CONV_FILTERS)
-    images = keras.Input(shape=(image_size, image_size, 3), name="images")
-    x = [conv_block(images, conv1, 11, "conv1", s, _zeros, strides=4, padding="valid")
-         for s in towers]
-    x = [max_pool(t, "pool1", s) for t, s in zip(_across_towers(x, 1, lrn), towers)]
-    x = [conv_block(t, conv2, 5, "conv2", s, _zeros) for t, s in zip(x, towers)]
-    x = [max_pool(t, "pool2", s) for t, s in zip(_across_towers(x, 2, lrn), towers)]
-    x = merge(x, "cross3")  # conv3 reads both towers
-    x = merge([upper_tower(x, (conv3, conv4, conv5), s, _zeros) for s in towers], "cross6")
-    for stage, units in zip((6, 7), paper.FC_UNITS):
-        x = merge([dense_block(x, units // 2, f"fc{stage}", s, _zeros) for s in towers],
-                  f"cross_fc{stage}")
-        x = keras.layers.Dropout(dropout_rate, name=f"drop{stage}")(x)
-    logits = dense_block(x, num_classes, "fc8", "", _zeros, activation=None, dtype="float32")
-    return keras.Model(inputs=images, outputs=logits, name="alexnet")
+    return alexnet("caffe", num_classes=num_classes, image_size=image_size, lrn_alpha=lrn_alpha,
+                   lrn_bias=lrn_bias, lrn_beta=lrn_beta, dropout_rate=dropout_rate,
+                   initializer="glorot")
 
 
 def load_caffe(prototxt, caffemodel, *, mean=None, class_names=None):
