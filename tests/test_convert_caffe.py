@@ -373,3 +373,31 @@ def test_messages_have_caffes_field_numbers_and_defaults():
     v1 = caffe_pb.parse_text('layers { name: "n" type: LRN lrn_param { alpha: 0.5 } }')
     assert caffe_pb.v1_type_name(v1.layers[0].type) == "LRN"
     assert v1.layers[0].lrn_param.k == 1.0 and v1.layers[0].lrn_param.alpha == 0.5
+
+
+def test_the_convert_command_exports_a_version_and_refuses_bad_requests(caffe_files, tmp_path):
+    """``alexnet-convert caffe`` as a user runs it: a new version with the Caffe record;
+    an existing --version or a missing file is refused and changes nothing."""
+    import subprocess
+    import sys
+
+    prototxt, caffemodel = caffe_files["layer"]
+    base = tmp_path / "models" / "alexnet"
+    command = [sys.executable, "-m", "training.convert", "caffe", "--prototxt", str(prototxt),
+               "--caffemodel", str(caffemodel), "--export", str(base)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "top-1 57.1 %, top-5 80.2 %" in done.stdout
+    metadata = json.loads((base / "1" / "assets.extra" / "alexnet_export.json").read_text())
+    assert metadata["weights"]["source"] == "caffe" and len(metadata["class_names"]) == 1000
+    assert sorted(p.name for p in base.iterdir()) == ["1"]
+
+    again = subprocess.run(command + ["--version", "1"], capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode != 0 and "already exists" in again.stderr
+    missing = subprocess.run(command[:7] + [str(tmp_path / "nope.caffemodel"), "--export",
+                                            str(tmp_path / "other")],
+                             capture_output=True, text=True, timeout=300)
+    assert missing.returncode != 0 and "nope.caffemodel does not exist" in missing.stderr
+    assert not (tmp_path / "other").exists()
+    assert sorted(p.name for p in base.iterdir()) == ["1"]

@@ -76,20 +76,24 @@ def main(argv=None):
     if args.version is not None and (export_base / str(args.version)).exists():
         raise SystemExit(f"error: version {args.version} already exists in {export_base}")
 
+    # Checked before TensorFlow starts: a typo fails in a moment.
+    if args.source == "caffe":
+        prototxt = _check_file("--prototxt", args.prototxt)
+        caffemodel = _check_file("--caffemodel", args.caffemodel)
+        mean = _check_file("--mean", args.mean) if args.mean else None
+    else:
+        state_dict = _check_file("--state-dict", args.state_dict)
+
     from keras_alexnet import convert
 
     try:
         if args.source == "caffe":
             from keras_alexnet.convert import caffe
 
-            prototxt = _check_file("--prototxt", args.prototxt)
-            caffemodel = _check_file("--caffemodel", args.caffemodel)
-            mean = _check_file("--mean", args.mean) if args.mean else None
             converted = caffe.load_caffe(prototxt, caffemodel, mean=mean, class_names=labels)
         else:
             from keras_alexnet.convert import torchvision
 
-            state_dict = _check_file("--state-dict", args.state_dict)
             converted = torchvision.load_torchvision(state_dict, class_names=labels)
         version = convert.export_converted(converted, export_base, version=args.version)
     except (ValueError, ImportError) as error:
@@ -99,7 +103,8 @@ def main(argv=None):
     print(f"Exported {args.source} weights ({converted.model.count_params():,} parameters, "
           f"{len(converted.class_names)} classes) to {version}")
     if accuracy:
-        print(f"Published accuracy of these weights: {accuracy}")
+        print(f"Published accuracy of these weights: top-1 {accuracy['top1']} %, top-5 "
+              f"{accuracy['top5']} % ({accuracy['source']})")
     return version
 
 
