@@ -18,6 +18,11 @@ RESUMABLE_CHANGES = ("epochs", "data_dir", "manual_dir", "keep_checkpoints",
                      "checkpoint_every")
 
 
+# Architecture arguments of `AlexNet` beyond the paper's (``None`` in a configuration:
+# the paper's value); fine-tuning copies them from its source model.
+VARIANT_FIELDS = ("lrn_bias", "lrn_alpha", "conv_filters", "conv1_padding", "adaptive_pool")
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """Everything a training run depends on; saved as ``config.json`` in the run directory.
@@ -43,6 +48,17 @@ class TrainConfig:
     (also checkpoint every this many training steps, besides every epoch end; 0: epoch
     ends only); ``deterministic`` (TensorFlow's deterministic ops: bit-identical runs on
     the same machine, at some cost in speed).
+    Architecture variants (``None``: the paper's; `keras_alexnet.model.AlexNet`):
+    ``lrn_bias``, ``lrn_alpha``, ``conv_filters``, ``conv1_padding``, ``adaptive_pool``;
+    ``resize`` is the side of the square the crops are cut from (``None``: the paper's
+    ratio, 256 for 227; torchvision's weights take 224 crops of 256).
+    Fine-tuning (`keras_alexnet.training.finetune`): ``init_from`` (the model the run
+    starts from: a run, checkpoint, export or ``.keras`` path, read only when the run
+    starts; its fc8 is replaced by a new one for the dataset's classes) and
+    ``init_source`` (what it resolved to: path, origin, class names), ``head_epochs``
+    (epochs training fc8 alone, everything else frozen), ``unfreeze`` (``None``: fc8
+    alone throughout; ``"conv3"`` .. ``"fc7"`` or ``"all"``: after the head epochs, that
+    layer and every layer above it train too) at ``learning_rate * unfreeze_lr_factor``.
     """
 
     dataset: str = "alexnet_shapes"
@@ -75,6 +91,23 @@ class TrainConfig:
     jit_compile: bool = False
     checkpoint_every: int = 1000
     deterministic: bool = False
+    lrn_bias: Optional[float] = None
+    lrn_alpha: Optional[float] = None
+    conv_filters: Optional[list] = None
+    conv1_padding: Optional[int] = None
+    adaptive_pool: Optional[int] = None
+    resize: Optional[int] = None
+    init_from: Optional[str] = None
+    init_source: Optional[dict] = None
+    head_epochs: int = 0
+    unfreeze: Optional[str] = None
+    unfreeze_lr_factor: float = 0.1
+
+    def __post_init__(self):
+        if self.conv_filters is not None:  # a list either way, so that JSON round trips compare
+            self.conv_filters = [int(f) for f in self.conv_filters]
+        if isinstance(self.input_scale, tuple):
+            self.input_scale = list(self.input_scale)
 
     def to_json(self):
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -100,7 +133,7 @@ class TrainConfig:
             )
 
     def model_kwargs(self):
-        return dict(
+        kwargs = dict(
             image_size=self.image_size,
             width=self.width,
             towers=self.towers,
@@ -110,6 +143,19 @@ class TrainConfig:
             input_scale=self.input_scale,
             weight_decay=self.weight_decay,
         )
+        for name in VARIANT_FIELDS:  # the paper's unless set
+            if getattr(self, name) is not None:
+                kwargs[name] = getattr(self, name)
+        return kwargs
+
+    def phase(self, epoch):
+        """``"train"`` (no fine-tuning), or the fine-tuning phase of ``epoch`` (0-based):
+        ``"head"`` (fc8 alone) or ``"unfrozen"`` (from `unfreeze` upwards)."""
+        if self.init_from is None:
+            return "train"
+        if self.unfreeze is not None and epoch >= self.head_epochs:
+            return "unfrozen"
+        return "head"
 
 
 PRESETS = {

@@ -28,13 +28,14 @@ NUM_CROPS = 10
 
 
 def ten_crop_dataset(validation, batch_size, *, image_size=paper.IMAGE_SIZE,
-                     mean=paper.IMAGENET_MEAN_RGB):
-    """Batches of ``(crops [B, 10, S, S, 3], labels [B])`` in the source's order."""
+                     mean=paper.IMAGENET_MEAN_RGB, resize=None):
+    """Batches of ``(crops [B, 10, S, S, 3], labels [B])`` in the source's order; the
+    crops are cut from a ``resize`` square (``None``: the paper's ratio)."""
     mean = tf.constant(mean, tf.float32)
 
     def prepare(image_bytes, label):
         image = preprocessing.decode_image(image_bytes)
-        return preprocessing.ten_crop_from_image(image, image_size, mean), label
+        return preprocessing.ten_crop_from_image(image, image_size, mean, resize=resize), label
 
     ds = validation.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
@@ -87,7 +88,8 @@ def saved_model_input_size(loaded):
 
 
 def saved_model_metadata(path):
-    """The export metadata (``class_names``, ``image_size``, ``mean``) or ``{}``."""
+    """The export metadata (``class_names``, ``image_size``, ``mean``, ``resize_size``)
+    or ``{}``."""
     meta = pathlib.Path(path) / "assets.extra" / "alexnet_export.json"
     return json.loads(meta.read_text()) if meta.is_file() else {}
 
@@ -130,7 +132,8 @@ def _hits(probabilities, labels, k):
 
 
 def evaluate(predict, validation, num_classes, *, image_size=paper.IMAGE_SIZE,
-             mean=paper.IMAGENET_MEAN_RGB, batch_size=16, limit=None, log_every=0):
+             mean=paper.IMAGENET_MEAN_RGB, batch_size=16, limit=None, log_every=0,
+             resize=None):
     """Centre-crop and 10-crop top-1/top-5 results of ``predict`` on a source split.
 
     Args:
@@ -138,13 +141,16 @@ def evaluate(predict, validation, num_classes, *, image_size=paper.IMAGE_SIZE,
         validation: ``tf.data.Dataset`` of ``(encoded bytes, label)``.
         num_classes: number of classes (length of the per-class arrays).
         image_size, mean: the model's input size and the mean it was trained with.
+        resize: side of the square the crops are cut from (``None``: the paper's
+            ratio; an export's ``resize_size``, a run's ``config.resize``).
         batch_size: images per step (each becomes 10 crops).
         limit: evaluate only the first ``limit`` images.
         log_every: print progress every this many images (0: never).
     """
     if limit:
         validation = validation.take(limit)
-    ds = ten_crop_dataset(validation, batch_size, image_size=image_size, mean=mean)
+    ds = ten_crop_dataset(validation, batch_size, image_size=image_size, mean=mean,
+                          resize=resize)
     counts = np.zeros(num_classes, np.int64)
     correct = {key: np.zeros(num_classes, np.int64)
                for key in ("centre_top1", "centre_top5", "ten_crop_top1", "ten_crop_top5")}

@@ -39,6 +39,7 @@ def training_dataset(
     skip_batches=0,
     shuffle_buffer=4096,
     augment=True,
+    resize=None,
 ):
     """One epoch of augmented training pixels ``float32 [B, S, S, 3]`` and labels
     ``int64 [B]``, in an order and with augmentations fixed by ``seed`` and ``epoch``.
@@ -47,7 +48,8 @@ def training_dataset(
     ``num_batches`` caps the epoch (every worker of a cluster must run the same number
     of steps) and ``skip_batches`` starts it that many batches in (see the module
     docstring). ``augment=False`` gives the evaluation pixels (same decode, no
-    randomness).
+    randomness). ``resize`` is the side of the square the crops are cut from
+    (`preprocessing.resize_size`; ``None``: the paper's ratio).
     """
     mean = tf.constant(mean, tf.float32)
     this_seed = epoch_seed(seed, epoch)
@@ -62,9 +64,9 @@ def training_dataset(
         if augment:
             element_seed = tf.stack([tf.constant(this_seed, tf.int64), index])
             pixels = preprocessing.train_from_image(image, element_seed, image_size, mean,
-                                                    pca_std)
+                                                    pca_std, resize=resize)
         else:
-            pixels = preprocessing.eval_from_image(image, image_size, mean)
+            pixels = preprocessing.eval_from_image(image, image_size, mean, resize=resize)
         return pixels, label
 
     ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
@@ -72,12 +74,12 @@ def training_dataset(
 
 
 def evaluation_dataset(source, batch_size, *, image_size=paper.IMAGE_SIZE,
-                       mean=paper.IMAGENET_MEAN_RGB):
+                       mean=paper.IMAGENET_MEAN_RGB, resize=None):
     """Batches of centre-crop evaluation pixels and labels, in the source's order."""
     mean = tf.constant(mean, tf.float32)
 
     def prepare(image_bytes, label):
-        return preprocessing.eval_from_bytes(image_bytes, image_size, mean), label
+        return preprocessing.eval_from_bytes(image_bytes, image_size, mean, resize=resize), label
 
     ds = source.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
     return ds.batch(batch_size).prefetch(AUTOTUNE)

@@ -72,10 +72,16 @@ def checkpoint_object(model, optimizer=None):
     """The `tf.train.Checkpoint` a run saves: ``model.variables`` (weights and the
     dropout layers' random state, in the model's fixed variable order) and, for
     training, ``optimizer.variables``. Readers that only need weights pass no optimiser
-    and restore with ``expect_partial``."""
+    and restore with ``expect_partial``.
+
+    ``optimizer`` may be a list: a fine-tuning run has one optimiser per phase (fc8
+    alone, then the unfrozen layers), all in every checkpoint, so the checkpoint's layout
+    is the same in both phases and a resume in either restores both.
+    """
     objects = {"model_variables": list(model.variables)}
     if optimizer is not None:
-        objects["optimizer_variables"] = list(optimizer.variables)
+        optimizers = optimizer if isinstance(optimizer, (list, tuple)) else [optimizer]
+        objects["optimizer_variables"] = [v for o in optimizers for v in o.variables]
     return tf.train.Checkpoint(**objects)
 
 
@@ -343,8 +349,12 @@ class RunDirectory:
             return path
         return None
 
-    def export(self, model, export_dir, class_names, mean, epoch):
+    def export(self, model, export_dir, class_names, mean, epoch, *, resize=None,
+               metadata=None):
         """Exports the next version into ``export_dir`` and records it in ``export.json``.
+
+        ``resize`` (the side crops are cut from) and ``metadata`` (extra entries of the
+        export's metadata file) go to `keras_alexnet.export.export_saved_model`.
 
         The record is written first as ``pending`` with the version number, then the
         version (staged and renamed, `keras_alexnet.export`), then the record as done: a
@@ -357,7 +367,7 @@ class RunDirectory:
         files.atomic_write(self.export_record_path,
                            json.dumps({**record, "status": "pending"}))
         path = export.export_saved_model(model, export_dir, class_names, version=version,
-                                         mean=mean)
+                                         mean=mean, resize=resize, metadata=metadata)
         files.atomic_write(self.export_record_path, json.dumps({**record, "status": "done"}))
         return path
 
