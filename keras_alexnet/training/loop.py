@@ -28,6 +28,11 @@ deterministic too and the weights are bit-identical (tests/test_exact_resume.py)
 
 A non-finite training loss (checked every step) or validation loss raises
 `NonFiniteLossError` before anything of that step or epoch is committed.
+
+**Fine-tuning** (``config.init_from``, `keras_alexnet.training.finetune`) is this same
+loop: a new run starts from the source's weights with a new fc8, and each epoch trains
+the variables of its phase (fc8 alone, then the unfrozen layers) with that phase's
+optimiser; every checkpoint holds all of them.
 """
 
 import contextlib
@@ -42,7 +47,7 @@ import tensorflow as tf
 
 from keras_alexnet import datasets, export, faults, preprocessing
 from keras_alexnet.model import AlexNet
-from keras_alexnet.training import distribute, input_pipeline
+from keras_alexnet.training import distribute, finetune, input_pipeline
 from keras_alexnet.training.run_dir import RunDirectory, RunState, checkpoint_object
 from keras_alexnet.training.schedule import PlateauSchedule
 
@@ -68,14 +73,15 @@ def build_model(config, num_classes, tower_devices=None):
                    **config.model_kwargs())
 
 
-def build_optimizer(config, replicas=1):
+def build_optimizer(config, replicas=1, lr_factor=1.0):
     """SGD with momentum (the paper; decay comes from the model's L2 terms) or Adam,
     wrapped in a ``LossScaleOptimizer`` under mixed_float16.
 
     With ``config.scale_lr`` the learning rate is multiplied by ``replicas``, as the
-    global batch is (the linear scaling rule of Goyal et al., 2017).
+    global batch is (the linear scaling rule of Goyal et al., 2017); ``lr_factor``
+    multiplies it too (fine-tuning's unfrozen phase).
     """
-    lr = config.learning_rate * (replicas if config.scale_lr else 1)
+    lr = config.learning_rate * (replicas if config.scale_lr else 1) * lr_factor
     if config.optimizer == "sgd":
         optimizer = keras.optimizers.SGD(learning_rate=lr, momentum=config.momentum)
     elif config.optimizer == "adam":
@@ -121,7 +127,7 @@ def load_data(config):
 
         mean = mean_image.compute_or_load(source, config.data_dir, config.image_size)
     else:
-        mean = preprocessing.resolve_mean(config.mean, config.image_size)
+        mean = preprocessing.resolve_mean(config.mean, config.image_size, config.resize)
     return source, mean
 
 
@@ -166,9 +172,11 @@ def _sums(labels, logits, weights):
                      tf.reduce_sum(top5 * weights), tf.reduce_sum(weights)])
 
 
-def make_train_step(model, optimizer, strategy, global_batch, jit_compile=False):
+def make_train_step(model, optimizer, strategy, global_batch, jit_compile=False,
+                    variables=None):
     """A ``tf.function`` taking one distributed batch ``(pixels, labels)``; it updates
-    the model and returns the summed ``[loss, top1, top5, count]`` of the batch."""
+    ``variables`` (default: the model's trainable variables) and returns the summed
+    ``[loss, top1, top5, count]`` of the batch. Other variables stay bit for bit."""
     replicas = strategy.num_replicas_in_sync
     scales_loss = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
 
@@ -181,8 +189,9 @@ def make_train_step(model, optimizer, strategy, global_batch, jit_compile=False)
             if model.losses:  # the L2 weight decay; gradients are summed over replicas
                 loss += tf.add_n([tf.cast(x, tf.float32) for x in model.losses]) / replicas
             scaled = optimizer.scale_loss(loss) if scales_loss else loss
-        grads = tape.gradient(scaled, model.trainable_variables)
-        optimizer.apply(grads, model.trainable_variables)
+        trained = model.trainable_variables if variables is None else variables
+        grads = tape.gradient(scaled, trained)
+        optimizer.apply(grads, trained)
         return _sums(labels, logits, tf.ones_like(per_example))
 
     if jit_compile:  # XLA compiles each replica's step, as Keras' own train_step does
@@ -254,7 +263,7 @@ class Data:
                 shard, batch, image_size=size, mean=self.mean, pca_std=config.pca_std,
                 seed=config.seed + ctx.input_pipeline_id, epoch=epoch,
                 num_batches=self.steps_per_epoch * per_pipeline,
-                skip_batches=skip_steps * per_pipeline)
+                skip_batches=skip_steps * per_pipeline, resize=config.resize)
 
         return self.strategy.distribute_datasets_from_function(train_fn)
 
@@ -266,7 +275,8 @@ class Data:
             shard = self.source.validation.shard(ctx.num_input_pipelines,
                                                  ctx.input_pipeline_id)
             real = input_pipeline.evaluation_dataset(shard, batch, image_size=size,
-                                                     mean=self.mean)
+                                                     mean=self.mean,
+                                                     resize=self.config.resize)
             real = real.unbatch().map(lambda x, y: (x, y, tf.constant(1.0)))
             pad = tf.data.Dataset.from_tensors(
                 (tf.zeros([size, size, 3]), tf.constant(0, tf.int64), tf.constant(0.0)))
@@ -323,6 +333,11 @@ def train(config, run_dir, export_dir="models/alexnet", *, verbose=1, do_export=
           force_export=False):
     """Trains (or resumes) the run in ``run_dir`` and exports a SavedModel version.
 
+    With ``config.init_from`` (see `keras_alexnet.training.finetune.prepare_config`) the
+    run fine-tunes that model: a new run loads it (after the strategy is made, before
+    anything is written) and starts from its weights with a new fc8; a resumed one
+    reads only its own checkpoints.
+
     A finished run that already exported its final epoch into ``export_dir`` exports
     nothing new unless ``force_export``.
 
@@ -334,16 +349,22 @@ def train(config, run_dir, export_dir="models/alexnet", *, verbose=1, do_export=
 
     Raises:
         ValueError: before anything is written, for a configuration the run directory
-            cannot resume, ``epochs`` below the epochs trained, or a dataset that does
-            not load or decode or has fewer than 2 classes.
+            cannot resume, ``epochs`` below the epochs trained, a dataset that does
+            not load or decode or has fewer than 2 classes, or a fine-tuning source that
+            does not load or is not the model the configuration describes.
         NonFiniteLossError: the loss diverged (the last good checkpoint is kept).
     """
     start = time.time()
+    finetune.check_config(config)
     run = RunDirectory(run_dir, chief=distribute.is_chief())
     _, state = run.check_resumable(config)  # refuses a mismatch before anything is written
     strategy, tower_devices = distribute.make_strategy(config.strategy, config.cpu_devices)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
+    resuming = state is not None and state.checkpoint is not None
+    init = None  # the fine-tuning source, read for a new run only (before the seed is set)
+    if config.init_from is not None and not resuming:
+        init = finetune.load_source(config)
     keras.utils.set_random_seed(config.seed)
     replicas = strategy.num_replicas_in_sync
     global_batch = config.batch_size * replicas
@@ -366,19 +387,25 @@ def train(config, run_dir, export_dir="models/alexnet", *, verbose=1, do_export=
     with precision_policy(config.mixed_precision):
         with strategy.scope():
             model = build_model(config, source.num_classes, tower_devices)
-            optimizer = build_optimizer(config, replicas)
-            optimizer.build(model.trainable_variables)
-        checkpoint = checkpoint_object(model, optimizer)
+            phases = finetune.phase_optimizers(config, model, build_optimizer, replicas)
+        optimizers = [optimizer for optimizer, _ in phases.values()]
+        checkpoint = checkpoint_object(model, optimizers)
         schedule = PlateauSchedule(config.lr_drops, config.plateau_patience)
-        if state is not None and state.checkpoint:
-            path = run.restore(model, optimizer)
+        if resuming:
+            path = run.restore(model, optimizers)
             schedule.set_state(state.schedule)
             print(f"Resuming {run.path} from {path.name} (epoch {state.epoch + 1}, step "
                   f"{state.step} of {data.steps_per_epoch}).")
         else:
+            if init is not None:
+                finetune.copy_source_weights(init.model, model)
+                print(f"Fine-tuning {config.init_source['path']} ({config.init_source['origin']}"
+                      f"): every layer's weights but fc8's, a new fc8 of "
+                      f"{source.num_classes} classes.", flush=True)
+                init = None
             state = RunState(num_classes=source.num_classes, global_batch=global_batch,
                              schedule=schedule.get_state())
-        logs = _train_epochs(config, run, data, model, optimizer, checkpoint, schedule, state,
+        logs = _train_epochs(config, run, data, model, phases, checkpoint, schedule, state,
                              verbose)
         if logs is None:  # nothing left to train (a finished run rerun): measure again
             logs = _evaluate(make_eval_step(model, strategy), data)
@@ -392,8 +419,10 @@ def train(config, run_dir, export_dir="models/alexnet", *, verbose=1, do_export=
             print(f"{run.path} exported epoch {config.epochs} already, to {previous}; nothing "
                   "new exported (force_export=True, or --force-export, exports it again).")
         else:
+            metadata = ({"fine_tuned_from": {**config.init_source, "given": config.init_from}}
+                        if config.init_from is not None else None)
             path = run.export(inference_copy(model), export_dir, source.display_names, mean,
-                              config.epochs)
+                              config.epochs, resize=config.resize, metadata=metadata)
             summary["export_path"] = str(path)
     summary["seconds"] = time.time() - start
     return summary
@@ -406,12 +435,20 @@ def _evaluate(eval_step, data):
     return _averages(total, "val_")
 
 
-def _train_epochs(config, run, data, model, optimizer, checkpoint, schedule, state, verbose):
+def _train_epochs(config, run, data, model, phases, checkpoint, schedule, state, verbose):
     """Runs the epochs left after ``state``; returns the last epoch's logs (``None`` when
-    none was left)."""
+    none was left). ``phases`` maps each phase (`TrainConfig.phase`) to its optimiser
+    and the variables it trains."""
     strategy, steps = data.strategy, data.steps_per_epoch
-    train_step = make_train_step(model, optimizer, strategy, data.global_batch,
-                                 config.jit_compile)
+    train_steps = {}  # one traced step per phase, made when the phase is first reached
+
+    def phase_step(phase):
+        if phase not in train_steps:
+            optimizer, variables = phases[phase]
+            train_steps[phase] = make_train_step(model, optimizer, strategy, data.global_batch,
+                                                 config.jit_compile, variables)
+        return train_steps[phase]
+
     eval_step = make_eval_step(model, strategy)
     logger = Logger(run, config, steps, verbose)
     logs = None
@@ -424,6 +461,18 @@ def _train_epochs(config, run, data, model, optimizer, checkpoint, schedule, sta
     # loss is finite: that loss is the first to measure the checkpoint's weights.
     pending = None
     for epoch in range(state.epoch, config.epochs):
+        phase = config.phase(epoch)
+        optimizer, train_step = phases[phase][0], phase_step(phase)
+        if phase == "unfrozen" and epoch == config.head_epochs and state.step == 0 \
+                and epoch > 0:
+            # Entering the unfrozen phase: the head's learning rate (after any plateau
+            # drops) times the factor. Recomputed identically by a resume at this point;
+            # a resume later restores it from the checkpoint.
+            head_lr = float(keras.ops.convert_to_numpy(phases["head"][0].learning_rate))
+            optimizer.learning_rate.assign(head_lr * config.unfreeze_lr_factor)
+            print(f"Epoch {epoch + 1}: unfreezing {config.unfreeze} and up "
+                  f"({len(phases[phase][1])} variables), learning rate "
+                  f"{head_lr * config.unfreeze_lr_factor:.2e}.", flush=True)
         sums = np.asarray(state.train_sums, np.float64)
         logger.start_epoch(epoch, state.step)
         batches = iter(data.train_epoch(epoch, skip_steps=state.step))
