@@ -1,7 +1,7 @@
 """Versioned SavedModel export for TensorFlow Serving.
 
 `export_saved_model` writes ``<base_dir>/<N>/`` (N = one more than the largest
-existing integer version) with three signatures:
+existing integer version) with three signatures, and a fourth for AlexNets:
 
 * ``serving_default``: ``images`` ``DT_STRING [batch]`` of encoded JPEG/PNG/GIF/BMP/WebP
   bytes of any size (grayscale and RGBA become RGB) -> the evaluation preprocessing of
