@@ -41,7 +41,7 @@ def test_version_layout_and_signatures(exported):
     assert exported.name == "1" and (exported / "saved_model.pb").exists()
     assert not [p for p in exported.parent.iterdir() if p.name.startswith(".tmp")]
     loaded = tf.saved_model.load(str(exported))
-    assert set(loaded.signatures) == {"serving_default", "serving_pixels", "classify"}
+    assert set(loaded.signatures) == {"serving_default", "serving_pixels", "classify", "features"}
     default = loaded.signatures["serving_default"]
     (spec,) = default.structured_input_signature[1].values()
     assert spec.dtype == tf.string and spec.shape.as_list() == [None] and spec.name == "images"
