@@ -389,6 +389,8 @@ def train(config, run_dir, export_dir="models/alexnet", *, verbose=1, do_export=
             model = build_model(config, source.num_classes, tower_devices)
             phases = finetune.phase_optimizers(config, model, build_optimizer, replicas)
         optimizers = [optimizer for optimizer, _ in phases.values()]
+        if len(optimizers) == 1:  # a training run (or fc8 alone): one optimiser, as ever
+            optimizers = optimizers[0]
         checkpoint = checkpoint_object(model, optimizers)
         schedule = PlateauSchedule(config.lr_drops, config.plateau_patience)
         if resuming:
