@@ -92,7 +92,9 @@ def _parse_mean(text):
 
 
 def load_model(path):
-    """``(predict_fn_factory, image_size, default_mean, run_config)`` for a model path."""
+    """``(predict_fn_factory, image_size, default_mean, run_config, resize)`` for a model
+    path; ``resize`` is the side of the square its crops are cut from (``None``: the
+    paper's ratio), from the run's config or the export's metadata."""
     import keras
     import tensorflow as tf
 
@@ -109,12 +111,13 @@ def load_model(path):
         config = dataclasses.asdict(run.read_config())
         num_outputs = int(model.output_shape[-1])
         return (lambda num_classes: (evaluation.keras_predictor(model), num_outputs),
-                int(model.input_shape[1]), config.get("mean", "imagenet"), config)
+                int(model.input_shape[1]), config.get("mean", "imagenet"), config,
+                config.get("resize"))
     if path.is_file():
         model = keras.saving.load_model(path)
         num_outputs = int(model.output_shape[-1])
         return (lambda num_classes: (evaluation.keras_predictor(model), num_outputs),
-                int(model.input_shape[1]), "imagenet", {})
+                int(model.input_shape[1]), "imagenet", {}, None)
     version = _newest_version(path)
     loaded = tf.saved_model.load(str(version))
     meta = evaluation.saved_model_metadata(version)
@@ -125,7 +128,7 @@ def load_model(path):
     num_outputs = len(meta["class_names"]) if "class_names" in meta else None
     return (lambda num_classes: (evaluation.saved_model_predictor(loaded, num_classes),
                                  num_outputs or num_classes),
-            evaluation.saved_model_input_size(loaded), mean, {})
+            evaluation.saved_model_input_size(loaded), mean, {}, meta.get("resize_size"))
 
 
 def main(argv=None):
@@ -135,7 +138,7 @@ def main(argv=None):
     from keras_alexnet import datasets, preprocessing
     from keras_alexnet.training import evaluation
 
-    make_predictor, image_size, model_mean, run_config = load_model(args.model)
+    make_predictor, image_size, model_mean, run_config, resize = load_model(args.model)
     dataset = args.dataset or run_config.get("dataset")
     if not dataset:
         raise SystemExit("error: pass --dataset (the model's training run is not known)")
@@ -156,7 +159,7 @@ def main(argv=None):
         from keras_alexnet.training import mean_image
 
         mean = mean_image.compute_or_load(source, data_dir, image_size)
-    mean = preprocessing.resolve_mean(mean, image_size)
+    mean = preprocessing.resolve_mean(mean, image_size, resize)
 
     split = source.validation if args.split == "validation" else source.train
     total = source.num_validation if args.split == "validation" else source.num_train
@@ -166,7 +169,7 @@ def main(argv=None):
           f"{image_size}x{image_size} crops)")
     result = evaluation.evaluate(predict, split, source.num_classes, image_size=image_size,
                                  mean=mean, batch_size=args.batch_size, limit=args.limit,
-                                 log_every=10_000)
+                                 log_every=10_000, resize=resize)
     print(result.table())
     csv_path = evaluation.write_per_class_csv(result, args.csv, source.class_names,
                                               source.display_names)
