@@ -55,29 +55,23 @@ def build_parser():
 
 
 def _newest_version(path):
-    from keras_alexnet import files
+    from keras_alexnet.training import model_source
 
-    if (path / "saved_model.pb").is_file():
-        return path
-    versions = files.list_versions(path)
-    if not versions:
-        raise SystemExit(f"error: {path} is not a training run, a checkpoint, a SavedModel "
-                         "version (or base) directory or a .keras file")
-    return path / str(versions[-1])
+    try:
+        return model_source.newest_version(path)
+    except FileNotFoundError as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 def _run_and_checkpoint(path):
-    """``(RunDirectory, checkpoint name)`` when ``path`` is a run directory (newest
-    checkpoint: ``None``) or a checkpoint prefix inside one; else ``None``."""
-    from keras_alexnet.training.run_dir import CHECKPOINT_PREFIX, RunDirectory
+    """``(RunDirectory, checkpoint name)`` for a run directory or one of its checkpoints;
+    else ``None`` (`model_source.run_and_checkpoint`)."""
+    from keras_alexnet.training import model_source
 
-    if (path / "config.json").is_file():
-        return RunDirectory(path), None
-    if path.name.startswith(CHECKPOINT_PREFIX) and path.parent.name == "checkpoints":
-        if not path.with_name(path.name + ".index").is_file():
-            raise SystemExit(f"error: no checkpoint {path.name} in {path.parent}")
-        return RunDirectory(path.parent.parent), path.name
-    return None
+    try:
+        return model_source.run_and_checkpoint(path)
+    except FileNotFoundError as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 def _parse_mean(text):

@@ -72,7 +72,7 @@ def run_and_checkpoint(path):
         return RunDirectory(path), None
     if path.name.startswith(CHECKPOINT_PREFIX) and path.parent.name == "checkpoints":
         if not path.with_name(path.name + ".index").is_file():
-            raise FileNotFoundError(f"No checkpoint {path.name} in {path.parent}.")
+            raise FileNotFoundError(f"There is no checkpoint {path.name} in {path.parent}.")
         return RunDirectory(path.parent.parent), path.name
     return None
 
