@@ -33,6 +33,7 @@ from keras_alexnet import paper
 from keras_alexnet.layers import AdaptiveAveragePooling2D, LocalResponseNormalization
 
 INITIALIZERS = ("paper", "he", "glorot")
+ACTIVATIONS = ("relu", "tanh")  # Sec. 3.1, Figure 1: ReLU against the saturating tanh
 
 VARIANTS = {
     # The paper's network: 60,965,224 parameters at 227x227 with 1000 classes.
@@ -136,15 +137,19 @@ def _apply(layer_class, x, device, **kwargs):
 
 
 class _WeightSettings:
-    """Initializers and regularizer of each new ``Conv2D``/``Dense``, in creation order.
+    """Initializers, regularizer and activation of each new ``Conv2D``/``Dense``, in
+    creation order, and the max pooling window and stride of the network.
 
     A seeded model draws ``seed``, ``seed + 1``, ... for its kernels in the order the
     layers are created (tower A before tower B at each stage), so that it is reproducible;
     ``seed=None`` leaves every initializer unseeded.
     """
 
-    def __init__(self, initializer, seed, weight_decay):
+    def __init__(self, initializer, seed, weight_decay, activation="relu",
+                 pool=(paper.POOL_SIZE, paper.POOL_STRIDE)):
         self.initializer = initializer
+        self.activation = activation
+        self.pool = pool
         self.seeds = itertools.repeat(None) if seed is None else itertools.count(seed)
         self.regularizer = keras.regularizers.L2(weight_decay / 2.0) if weight_decay else None
 
@@ -159,36 +164,47 @@ class _WeightSettings:
 
 def conv_block(x, filters, kernel_size, name, suffix, init, *, strides=1, padding="same",
                device=None):
-    """``Conv2D`` + ReLU named ``name + suffix`` (``"conv2" + "_a"``).
+    """``Conv2D`` + the network's activation (ReLU in the paper) named ``name + suffix``
+    (``"conv2" + "_a"``).
 
-    ``init`` (a `_WeightSettings`) gives its initializers and kernel regularizer.
+    ``init`` (a `_WeightSettings`) gives its initializers, kernel regularizer and
+    activation.
     """
     return _apply(keras.layers.Conv2D, x, device, name=name + suffix, filters=filters,
                   kernel_size=kernel_size, strides=strides, padding=padding,
-                  activation="relu", **init(name))
+                  activation=init.activation, **init(name))
 
 
-def dense_block(x, units, name, suffix, init, *, activation="relu", dtype=None, device=None):
-    """``Dense`` (ReLU unless told otherwise) named ``name + suffix`` (``"fc6" + "_b"``).
+_NETWORK_ACTIVATION = object()  # dense_block's default: the activation of `init`
+
+
+def dense_block(x, units, name, suffix, init, *, activation=_NETWORK_ACTIVATION, dtype=None,
+                device=None):
+    """``Dense`` (with the network's activation unless told otherwise; ``None`` for the
+    logits) named ``name + suffix`` (``"fc6" + "_b"``).
 
     ``init`` (a `_WeightSettings`) gives its initializers and kernel regularizer.
     """
+    if activation is _NETWORK_ACTIVATION:
+        activation = init.activation
     return _apply(keras.layers.Dense, x, device, name=name + suffix, units=units,
                   activation=activation, dtype=dtype, **init(name))
 
 
-def max_pool(x, name, suffix, device=None):
-    """The paper's overlapping 3x3/2 max pooling, named ``name + suffix``."""
+def max_pool(x, name, suffix, device=None, pool=(paper.POOL_SIZE, paper.POOL_STRIDE)):
+    """Max pooling with window and stride ``pool`` (the paper's overlapping 3x3/2; 2x2/2
+    is the traditional non-overlapping pooling of Sec. 3.4), named ``name + suffix``."""
+    size, stride = pool
     return _apply(keras.layers.MaxPooling2D, x, device, name=name + suffix,
-                  pool_size=paper.POOL_SIZE, strides=paper.POOL_STRIDE)
+                  pool_size=size, strides=stride)
 
 
-def norm_pool(x, stage, suffix, *, lrn, device=None):
+def norm_pool(x, stage, suffix, *, lrn, device=None, pool=(paper.POOL_SIZE, paper.POOL_STRIDE)):
     """``norm{stage}`` (LRN with the keyword arguments ``lrn``; none when ``lrn`` is
     ``None``) then ``pool{stage}``, on one tower's maps."""
     if lrn is not None:
         x = _apply(LocalResponseNormalization, x, device, name=f"norm{stage}{suffix}", **lrn)
-    return max_pool(x, f"pool{stage}", suffix, device)
+    return max_pool(x, f"pool{stage}", suffix, device, pool)
 
 
 def lower_tower(x, filters, suffix, init, *, lrn, device=None):
@@ -201,9 +217,9 @@ def lower_tower(x, filters, suffix, init, *, lrn, device=None):
     conv1_filters, conv2_filters = filters
     x = conv_block(x, conv1_filters, 11, "conv1", suffix, init, strides=4,
                    padding="valid", device=device)
-    x = norm_pool(x, 1, suffix, lrn=lrn, device=device)
+    x = norm_pool(x, 1, suffix, lrn=lrn, device=device, pool=init.pool)
     x = conv_block(x, conv2_filters, 5, "conv2", suffix, init, device=device)
-    return norm_pool(x, 2, suffix, lrn=lrn, device=device)
+    return norm_pool(x, 2, suffix, lrn=lrn, device=device, pool=init.pool)
 
 
 def norm_across_towers(branches, stage, lrn, device=None):
@@ -231,11 +247,11 @@ def lower_towers_across(x, filters, branches, init, *, lrn):
     first = branches[0][1]
     x = [conv_block(x, conv1_filters, 11, "conv1", s, init, strides=4, padding="valid",
                     device=d) for s, d in branches]
-    x = [max_pool(t, "pool1", s, d)
+    x = [max_pool(t, "pool1", s, d, init.pool)
          for t, (s, d) in zip(norm_across_towers(x, 1, lrn, first), branches)]
     x = [conv_block(t, conv2_filters, 5, "conv2", s, init, device=d)
          for t, (s, d) in zip(x, branches)]
-    return [max_pool(t, "pool2", s, d)
+    return [max_pool(t, "pool2", s, d, init.pool)
             for t, (s, d) in zip(norm_across_towers(x, 2, lrn, first), branches)]
 
 
@@ -248,7 +264,7 @@ def upper_tower(x, filters, suffix, init, *, adaptive_pool=None, device=None):
     """
     for name, tower_filters in zip(("conv3", "conv4", "conv5"), filters):
         x = conv_block(x, tower_filters, 3, name, suffix, init, device=device)
-    x = max_pool(x, "pool5", suffix, device)
+    x = max_pool(x, "pool5", suffix, device, init.pool)
     if adaptive_pool is not None:
         x = _apply(AdaptiveAveragePooling2D, x, device, name=f"avgpool{suffix}",
                    output_size=adaptive_pool)
@@ -295,7 +311,12 @@ class AlexNet(keras.Model):
             ``ZeroPadding2D`` named ``conv1_pad`` (0 in the paper, 2 in torchvision).
         adaptive_pool: ``None`` (the paper), or the side of an adaptive average pool
             after pool5 (torchvision's 6), named ``avgpool``.
-        dropout_rate: dropout on the fc6 and fc7 outputs (0.5 in the paper).
+        activation: ``"relu"`` (the paper) or ``"tanh"`` (the saturating units of
+            Figure 1), after every convolution and fc6/fc7.
+        pool_size, pool_stride: every max pooling's window and stride (3 and 2: the
+            paper's overlapping pooling; 2 and 2: the non-overlapping pooling of
+            Sec. 3.4, which gives the same map sizes).
+        dropout_rate: dropout on the fc6 and fc7 outputs (0.5 in the paper; 0 for none).
         initializer: ``"paper"`` (weights N(0, 0.01), biases 1 in conv2, conv4,
             conv5, fc6, fc7 and 0 elsewhere), ``"he"`` (He normal, zero biases) or
             ``"glorot"`` (Keras' default: Glorot uniform, zero biases).
@@ -335,6 +356,9 @@ class AlexNet(keras.Model):
         conv_filters=paper.CONV_FILTERS,
         conv1_padding=0,
         adaptive_pool=None,
+        activation="relu",
+        pool_size=paper.POOL_SIZE,
+        pool_stride=paper.POOL_STRIDE,
         dropout_rate=paper.DROPOUT_RATE,
         initializer="paper",
         input_scale=None,
@@ -366,6 +390,12 @@ class AlexNet(keras.Model):
             raise ValueError(
                 f"`initializer` must be one of {INITIALIZERS}. Received: {initializer!r}"
             )
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"`activation` must be one of {ACTIVATIONS}. Received: {activation!r}")
+        for arg, value in (("pool_size", pool_size), ("pool_stride", pool_stride)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{arg}` must be a positive integer. Received: {value!r}")
         if not 0.0 <= dropout_rate < 1.0:
             raise ValueError(f"`dropout_rate` must be in [0, 1). Received: {dropout_rate!r}")
         if weight_decay < 0:
@@ -394,7 +424,8 @@ class AlexNet(keras.Model):
         branches = list(zip(suffixes, tower_devices or (None,) * towers))  # (suffix, device)
         tower_filters = [_scaled(f, width, towers) // towers for f in conv_filters]
         fc_units = [_scaled(u, width, towers) // towers for u in paper.FC_UNITS]
-        init = _WeightSettings(initializer, seed, weight_decay)
+        init = _WeightSettings(initializer, seed, weight_decay, activation,
+                               (pool_size, pool_stride))
 
         # fc8's variables live on the first tower's device, like the crossing ops.
         with _device_scope(branches[0][1]):
@@ -434,6 +465,9 @@ class AlexNet(keras.Model):
         self.conv_filters = conv_filters
         self.conv1_padding = conv1_padding
         self.adaptive_pool = adaptive_pool
+        self.activation = activation
+        self.pool_size = pool_size
+        self.pool_stride = pool_stride
         self.dropout_rate = dropout_rate
         self.initializer = initializer
         self.input_scale = input_scale
@@ -491,6 +525,9 @@ class AlexNet(keras.Model):
             "conv_filters": list(self.conv_filters),
             "conv1_padding": self.conv1_padding,
             "adaptive_pool": self.adaptive_pool,
+            "activation": self.activation,
+            "pool_size": self.pool_size,
+            "pool_stride": self.pool_stride,
             "dropout_rate": self.dropout_rate,
             "initializer": self.initializer,
             "input_scale": self.input_scale,

@@ -82,6 +82,8 @@ def build_parser():
     data.add_argument("--batch-size", type=int, help="images per step")
     data.add_argument("--image-size", type=int, help="input crop size (227 in the paper, >= 67)")
     data.add_argument("--no-pca", action="store_true", help="turn PCA colour noise off")
+    data.add_argument("--no-augment", action="store_true",
+                      help="no random crops, flips or colour noise: train on the centre crop")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, help="number of epochs")
@@ -95,6 +97,13 @@ def build_parser():
     model.add_argument("--towers", type=int, choices=(1, 2), help="2 = the paper's two towers")
     model.add_argument("--dropout-rate", type=float,
                        help="dropout before fc6 and fc7 (0.5 in the paper, 0 turns it off)")
+    model.add_argument("--activation", choices=("relu", "tanh"),
+                       help="the units after every convolution and fc6/fc7 (relu in the paper)")
+    model.add_argument("--no-lrn", action="store_true",
+                       help="no local response normalisation after conv1 and conv2")
+    model.add_argument("--pool-size", type=int,
+                       help="max pooling window (3 in the paper: overlapping with stride 2)")
+    model.add_argument("--pool-stride", type=int, help="max pooling stride (2 in the paper)")
 
     scale = parser.add_argument_group("scale (docs/scale.md)")
     scale.add_argument("--strategy", choices=("default", "mirrored", "towers", "multiworker"),
@@ -116,7 +125,8 @@ def build_parser():
 # Flags whose value goes to the TrainConfig field of the same name, when given.
 _FIELD_FLAGS = ("dataset", "data_dir", "batch_size", "image_size", "epochs", "learning_rate",
                 "optimizer", "weight_decay", "width", "towers", "seed", "manual_dir",
-                "val_split", "strategy", "cpu_devices", "checkpoint_every", "dropout_rate")
+                "val_split", "strategy", "cpu_devices", "checkpoint_every", "dropout_rate",
+                "activation", "pool_size", "pool_stride")
 
 
 def resolve_config(args):
@@ -124,6 +134,10 @@ def resolve_config(args):
     values = {k: getattr(args, k) for k in _FIELD_FLAGS if getattr(args, k) is not None}
     if args.no_pca:
         values["pca_std"] = 0.0
+    if args.no_augment:
+        values["augment"] = False
+    if args.no_lrn:
+        values["use_lrn"] = False
     if args.mean_image:
         values["mean"] = "image"
     if args.no_lr_scaling:
@@ -134,7 +148,7 @@ def resolve_config(args):
         values["jit_compile"] = True
     if args.deterministic:
         values["deterministic"] = True
-    for name in ("batch_size", "epochs", "cpu_devices"):
+    for name in ("batch_size", "epochs", "cpu_devices", "pool_size", "pool_stride"):
         if name in values and values[name] < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
     if values.get("checkpoint_every", 0) < 0:

@@ -20,7 +20,8 @@ RESUMABLE_CHANGES = ("epochs", "data_dir", "manual_dir", "keep_checkpoints",
 
 # Architecture arguments of `AlexNet` beyond the paper's (``None`` in a configuration:
 # the paper's value); fine-tuning copies them from its source model.
-VARIANT_FIELDS = ("lrn_bias", "lrn_alpha", "conv_filters", "conv1_padding", "adaptive_pool")
+VARIANT_FIELDS = ("lrn_bias", "lrn_alpha", "conv_filters", "conv1_padding", "adaptive_pool",
+                  "activation", "pool_size", "pool_stride")
 
 
 @dataclasses.dataclass
@@ -34,7 +35,8 @@ class TrainConfig:
     ``weight_decay / 2`` on the kernels), ``lr_drops`` (divide by 10 on a validation
     top-1 plateau of ``plateau_patience`` epochs, at most this many times).
     Data: ``dataset``, ``data_dir``, ``batch_size``, ``epochs``, ``pca_std`` (0 turns PCA
-    colour noise off), ``mean`` (``"imagenet"``, ``"image"`` for the paper's per-pixel
+    colour noise off), ``augment`` (``False``: no crops, flips or colour noise, the centre
+    crop of the evaluation pipeline instead), ``mean`` (``"imagenet"``, ``"image"`` for the paper's per-pixel
     mean image of the training set, three numbers, or a ``.npy`` path), ``manual_dir``
     (where the user's ImageNet archives are), ``val_split`` (held-out fraction for
     folder datasets without a ``val`` folder).
@@ -49,7 +51,9 @@ class TrainConfig:
     ends only); ``deterministic`` (TensorFlow's deterministic ops: bit-identical runs on
     the same machine, at some cost in speed).
     Architecture variants (``None``: the paper's; `keras_alexnet.model.AlexNet`):
-    ``lrn_bias``, ``lrn_alpha``, ``conv_filters``, ``conv1_padding``, ``adaptive_pool``;
+    ``lrn_bias``, ``lrn_alpha``, ``conv_filters``, ``conv1_padding``, ``adaptive_pool``,
+    ``activation`` (``"tanh"`` for Figure 1's comparison), ``pool_size`` and ``pool_stride``
+    (2 and 2: non-overlapping pooling, Sec. 3.4);
     ``resize`` is the side of the square the crops are cut from (``None``: the paper's
     ratio, 256 for 227; torchvision's weights take 224 crops of 256).
     Fine-tuning (`keras_alexnet.training.finetune`): ``init_from`` (the model the run
@@ -81,6 +85,7 @@ class TrainConfig:
     batch_size: int = paper.BATCH_SIZE
     epochs: int = paper.EPOCHS
     pca_std: float = paper.PCA_ALPHA_STD
+    augment: bool = True
     mean: object = "imagenet"
     seed: int = 2012
     keep_checkpoints: int = 2
@@ -96,6 +101,9 @@ class TrainConfig:
     conv_filters: Optional[list] = None
     conv1_padding: Optional[int] = None
     adaptive_pool: Optional[int] = None
+    activation: Optional[str] = None
+    pool_size: Optional[int] = None
+    pool_stride: Optional[int] = None
     resize: Optional[int] = None
     init_from: Optional[str] = None
     init_source: Optional[dict] = None

@@ -134,7 +134,8 @@ def _architecture(model_config):
     """`ARCHITECTURE_FIELDS` of an `AlexNet` config dict (get_config / a saved record)."""
     defaults = {"lrn_bias": paper.LRN_BIAS, "lrn_alpha": paper.LRN_ALPHA,
                 "conv_filters": list(paper.CONV_FILTERS), "conv1_padding": 0,
-                "adaptive_pool": None, "input_scale": None, "initializer": "paper",
+                "adaptive_pool": None, "activation": "relu", "pool_size": paper.POOL_SIZE,
+                "pool_stride": paper.POOL_STRIDE, "input_scale": None, "initializer": "paper",
                 "use_lrn": True, "towers": 2, "width": 1.0, "image_size": paper.IMAGE_SIZE}
     return {k: _normal(model_config.get(k, defaults[k])) for k in ARCHITECTURE_FIELDS}
 

@@ -263,7 +263,8 @@ class Data:
                 shard, batch, image_size=size, mean=self.mean, pca_std=config.pca_std,
                 seed=config.seed + ctx.input_pipeline_id, epoch=epoch,
                 num_batches=self.steps_per_epoch * per_pipeline,
-                skip_batches=skip_steps * per_pipeline, resize=config.resize)
+                skip_batches=skip_steps * per_pipeline, resize=config.resize,
+                augment=config.augment)
 
         return self.strategy.distribute_datasets_from_function(train_fn)
 
