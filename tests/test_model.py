@@ -289,3 +289,32 @@ def test_empty_batch_gives_empty_logits_under_both_kernel_settings(onednn):
     assert out["onednn"] == onednn
     assert out["eager_empty"] == out["graph_empty"] == out["predict_empty"] == [0, 10]
     assert out["graph_vs_eager"] <= 1e-5
+
+
+def test_experiment_options_tanh_units_and_non_overlapping_pooling_of_the_same_map_sizes():
+    """The arms of the paper's experiments come from the one builder: tanh instead of ReLU
+    (Figure 1) everywhere but fc8, and 2x2/2 pooling (Sec. 3.4), whose maps at 227 are the
+    sizes of the paper's 3x3/2 (55 -> 27 -> 13 -> 6), so the parameter count is unchanged."""
+    model = alexnet(activation="tanh", pool_size=2, pool_stride=2, seed=0)
+    assert model.count_params() == paper.PARAMETER_COUNT
+    for layer in model.layers:
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)):
+            want = "linear" if layer.name == "fc8" else "tanh"
+            assert layer.get_config()["activation"] == want, layer.name
+        if isinstance(layer, keras.layers.MaxPooling2D):
+            assert layer.pool_size == (2, 2) and layer.strides == (2, 2), layer.name
+    assert [model.get_layer(n).output.shape[1] for n in ("pool1_a", "pool2_b", "pool5_a")] \
+        == [27, 13, 6]
+    copy = AlexNet.from_config(json.loads(json.dumps(model.get_config())))
+    assert (copy.activation, copy.pool_size, copy.pool_stride) == ("tanh", 2, 2)
+    # conv1's output is tanh of its affine map: check against NumPy on one patch.
+    x = np.random.default_rng(0).normal(size=(1, 227, 227, 3)).astype("float32")
+    conv1 = keras.Model(model.input, model.get_layer("conv1_a").output)
+    kernel, bias = (w.numpy().astype(np.float64) for w in model.get_layer("conv1_a").weights)
+    patch = x[0, :11, :11, :].astype(np.float64)
+    want = np.tanh(np.tensordot(patch, kernel, axes=3) + bias)
+    np.testing.assert_allclose(conv1(x).numpy()[0, 0, 0], want, atol=1e-5)
+    with pytest.raises(ValueError, match="activation"):
+        tiny(activation="sigmoid")
+    with pytest.raises(ValueError, match="pool_stride"):
+        tiny(pool_stride=0)

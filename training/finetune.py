@@ -27,9 +27,10 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out
 
+from training import prefer_onednn
+
 if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "alexnet-finetune":
-    if "tensorflow" not in sys.modules:  # as training/train.py: oneDNN unless told otherwise
-        os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+    prefer_onednn()
 
 from keras_alexnet.training.config import DEFAULT_PRESET, PRESETS
 from keras_alexnet.training.finetune import UNFREEZE_CHOICES

@@ -36,10 +36,10 @@ class TrainConfig:
     top-1 plateau of ``plateau_patience`` epochs, at most this many times).
     Data: ``dataset``, ``data_dir``, ``batch_size``, ``epochs``, ``pca_std`` (0 turns PCA
     colour noise off), ``augment`` (``False``: no crops, flips or colour noise, the centre
-    crop of the evaluation pipeline instead), ``mean`` (``"imagenet"``, ``"image"`` for the paper's per-pixel
-    mean image of the training set, three numbers, or a ``.npy`` path), ``manual_dir``
-    (where the user's ImageNet archives are), ``val_split`` (held-out fraction for
-    folder datasets without a ``val`` folder).
+    crop of the evaluation pipeline instead), ``mean`` (``"imagenet"``, ``"image"`` for
+    the paper's per-pixel mean image of the training set, three numbers, or a ``.npy``
+    path), ``manual_dir`` (where the user's ImageNet archives are), ``val_split``
+    (held-out fraction for folder datasets without a ``val`` folder).
     Scale (see `keras_alexnet.training.distribute` and docs/scale.md): ``strategy``
     (``"default"``, ``"mirrored"``, ``"towers"``, ``"multiworker"``), ``cpu_devices``
     (split the CPU into this many logical devices), ``batch_size`` is per replica: the

@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_alexnet import paper, preprocessing
+from keras_alexnet.training import input_pipeline
 
 NUM_CROPS = 10
 
@@ -170,6 +171,21 @@ def evaluate(predict, validation, num_classes, *, image_size=paper.IMAGE_SIZE,
         if log_every and seen // log_every != (seen - n) // log_every:
             print(f"evaluated {seen} images ({seen / (time.time() - start):.1f} img/s)")
     return EvaluationResult(int(counts.sum()), counts, correct, time.time() - start)
+
+
+def predict_split(predict, validation, *, image_size=paper.IMAGE_SIZE,
+                  mean=paper.IMAGENET_MEAN_RGB, resize=None, batch_size=64):
+    """``(probabilities [N, C] float64, labels [N] int64)`` of ``predict`` on the centre
+    crops of a split, in the split's order (for ensembles: average members' rows)."""
+    probabilities, labels = [], []
+    ds = input_pipeline.evaluation_dataset(validation, batch_size, image_size=image_size,
+                                           mean=mean, resize=resize)
+    for pixels, batch_labels in ds.as_numpy_iterator():
+        probabilities.append(np.asarray(predict(pixels), np.float64))
+        labels.append(batch_labels.astype(np.int64))
+    if not labels:
+        raise ValueError("The split is empty: nothing to predict.")
+    return np.concatenate(probabilities), np.concatenate(labels)
 
 
 def write_per_class_csv(result, path, class_names, display_names=None):
