@@ -47,7 +47,7 @@ import tensorflow as tf
 
 from keras_alexnet import datasets, export, faults, preprocessing
 from keras_alexnet.model import AlexNet
-from keras_alexnet.training import distribute, finetune, input_pipeline
+from keras_alexnet.training import distribute, finetune, input_pipeline, pictures
 from keras_alexnet.training.run_dir import RunDirectory, RunState, checkpoint_object
 from keras_alexnet.training.schedule import PlateauSchedule
 
@@ -290,7 +290,8 @@ class Data:
 
 class Logger:
     """Progress on stdout and TensorBoard scalars (``logs/train``, ``logs/validation``),
-    written by the chief only; other workers get no-op writers."""
+    written by the chief only; other workers get no-op writers. The epoch pictures
+    (`keras_alexnet.training.pictures`) go to the train writer too."""
 
     def __init__(self, run, config, steps_per_epoch, verbose):
         self.config, self.steps, self.verbose = config, steps_per_epoch, verbose if run.chief else 0
@@ -513,4 +514,7 @@ def _train_epochs(config, run, data, model, phases, checkpoint, schedule, state,
         state = commit(dataclasses.replace(
             state, epoch=epoch + 1, step=0, global_step=(epoch + 1) * steps,
             train_sums=(0.0, 0.0, 0.0, 0.0), schedule=schedule.get_state()))
+        if run.chief:  # after the commit: the pictures never delay or endanger a checkpoint
+            pictures.write_epoch_pictures(run, model, writer=logger.train_writer,
+                                          step=epoch + 1)
     return logs
