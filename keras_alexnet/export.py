@@ -22,7 +22,16 @@ existing integer version) with three signatures, and a fourth for AlexNets:
   hidden layer (`keras_alexnet.features`), by default fc7 after its ReLU (4096-d for
   the full model), the DeCAF transfer descriptor. Only models that have the layer get
   it (a generic Keras model has none); the metadata's ``features`` entry names the
-  layer and D (``null`` without the signature).
+  layer and D (``null`` without the signature). For an ensemble
+  (`keras_alexnet.ensemble`) it is the concatenation of the members' features.
+
+``ten_crop=True`` makes the three encoded-image signatures (``serving_default``,
+``classify``, ``features``) evaluate the paper's 10 patches of every image (Sec. 4.1:
+the 4 corners and the centre of the resized square, and their mirrors:
+`preprocessing.ten_crop`) and average the softmax probabilities (for ``features``:
+the features) over them; ``serving_pixels`` still takes one preprocessed crop per
+row (send the 10 crops as 10 rows and average ``probabilities`` to do the same).
+The metadata's ``ten_crop`` records the choice; the network runs 10 times per image.
 
 Images whose header declares more than `MAX_IMAGE_PIXELS` pixels (for a GIF: all its
 frames together) are rejected before decoding (``InvalidArgumentError``), so one
@@ -49,9 +58,10 @@ TOP_K = 5
 MAX_IMAGE_PIXELS = 50_000_000
 METADATA_FILE = "alexnet_export.json"
 _OWN_METADATA = ("class_names", "image_size", "mean", "resize_size", "signatures", "top_k",
-                 "model", "features")
+                 "model", "features", "ten_crop")
 FEATURES_SIGNATURE = "features"
 DEFAULT_FEATURES = "fc7"  # the layer of the ``features`` signature unless told otherwise
+NUM_CROPS = 10  # the paper's test patches per image (``ten_crop``)
 
 
 def top_k_for(num_classes):
@@ -239,7 +249,8 @@ def declared_pixels(image_bytes):
     )
 
 
-def _checked_eval_pixels(image_bytes, image_size, mean, resize=None):
+def _checked_image(image_bytes):
+    """`preprocessing.decode_image` after the header checks (format, `MAX_IMAGE_PIXELS`)."""
     pixels = declared_pixels(image_bytes)
     checks = [
         tf.debugging.assert_none_equal(
@@ -259,15 +270,27 @@ def _checked_eval_pixels(image_bytes, image_size, mean, resize=None):
                     "pixels (every frame of a GIF counts); send a smaller image",
         )
     with tf.control_dependencies([check]):
-        return preprocessing.eval_from_bytes(image_bytes, image_size, mean, resize)
+        return preprocessing.decode_image(image_bytes)
+
+
+def _checked_eval_pixels(image_bytes, image_size, mean, resize=None):
+    """`preprocessing.eval_from_bytes` (the centre crop) of checked bytes."""
+    return preprocessing.eval_from_image(_checked_image(image_bytes), image_size, mean, resize)
+
+
+def _checked_ten_crop(image_bytes, image_size, mean, resize=None):
+    """`preprocessing.ten_crop_from_image` of checked bytes: ``[10, S, S, 3]``."""
+    return preprocessing.ten_crop_from_image(_checked_image(image_bytes), image_size, mean,
+                                             resize)
 
 
 class _Endpoints:
     """The signature functions over a model, its label strings and its preprocessing."""
 
-    def __init__(self, model, labels, mean, resize=None, extractor=None):
+    def __init__(self, model, labels, mean, resize=None, extractor=None, ten_crop=False):
         self.model = model
         self.extractor = extractor  # model input -> feature layer (``features``), or None
+        self.ten_crop = bool(ten_crop)  # encoded images: the mean over their 10 crops
         self.size = int(model.input_shape[1])
         self.resize = preprocessing.resize_size(self.size, resize)
         self.labels = tf.constant(labels, tf.string)
@@ -275,7 +298,8 @@ class _Endpoints:
         self.k = top_k_for(self.num_classes)
         self.mean = tf.constant(mean, tf.float32)
 
-    def top_k(self, pixels, with_probabilities=False):
+    def probabilities(self, pixels):
+        """The softmax of the model's logits for each row of ``pixels``."""
         # An empty batch skips the network: oneDNN's Conv2D mishandles zero-sized batches
         # (docs/scale.md). AlexNet.call guards itself; this covers any other Keras model
         # exported here.
@@ -284,7 +308,12 @@ class _Endpoints:
             lambda: tf.cast(self.model(pixels, training=False), tf.float32),
             lambda: tf.zeros([0, self.num_classes], tf.float32),
         )
-        probabilities = tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
+        return tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
+
+    def top_k(self, pixels, with_probabilities=False):
+        return self.top_k_of(self.probabilities(pixels), with_probabilities)
+
+    def top_k_of(self, probabilities, with_probabilities=False):
         scores, classes = tf.math.top_k(probabilities, k=self.k)
         outputs = {
             "classes": tf.cast(classes, tf.int32),
@@ -302,8 +331,27 @@ class _Endpoints:
             fn_output_signature=tf.TensorSpec([self.size, self.size, 3], tf.float32),
         )
 
+    def crops_from_bytes(self, images):
+        """The 10 crops of each image, flattened: ``[batch * 10, S, S, 3]`` (image-major)."""
+        crops = tf.map_fn(
+            lambda b: _checked_ten_crop(b, self.size, self.mean, self.resize),
+            images,
+            fn_output_signature=tf.TensorSpec([NUM_CROPS, self.size, self.size, 3], tf.float32),
+        )
+        return tf.reshape(crops, [-1, self.size, self.size, 3])
+
+    def _crop_mean(self, per_crop):
+        """``[batch * 10, D]`` -> ``[batch, D]``: the mean over each image's crops."""
+        return tf.reduce_mean(tf.reshape(per_crop, [-1, NUM_CROPS, per_crop.shape[-1]]), axis=1)
+
+    def image_probabilities(self, images):
+        """Probabilities of encoded images: of the centre crop, or the mean over 10 crops."""
+        if self.ten_crop:
+            return self._crop_mean(self.probabilities(self.crops_from_bytes(images)))
+        return self.probabilities(self.pixels_from_bytes(images))
+
     def serve_images(self, images):
-        return self.top_k(self.pixels_from_bytes(images))
+        return self.top_k_of(self.image_probabilities(images))
 
     def serve_pixels(self, pixels):
         # Checked here rather than left to the convolution kernels: some CPU kernels
@@ -318,20 +366,22 @@ class _Endpoints:
         return self.top_k(pixels, with_probabilities=True)
 
     def serve_features(self, images):
-        pixels = self.pixels_from_bytes(images)
+        pixels = self.crops_from_bytes(images) if self.ten_crop else self.pixels_from_bytes(images)
         dim = int(self.extractor.output_shape[-1])
         # The same empty-batch guard as `top_k`: the extractor is a plain functional model.
-        return {"features": tf.cond(
+        features = tf.cond(
             tf.shape(pixels)[0] > 0,
             lambda: tf.cast(self.extractor(pixels, training=False), tf.float32),
             lambda: tf.zeros([0, dim], tf.float32),
-        )}
+        )
+        features.set_shape([None, dim])
+        return {"features": self._crop_mean(features) if self.ten_crop else features}
 
     def classify(self, inputs):
         features = tf.io.parse_example(
             inputs, {"image/encoded": tf.io.FixedLenFeature([], tf.string)}
         )
-        outputs = self.top_k(self.pixels_from_bytes(features["image/encoded"]))
+        outputs = self.top_k_of(self.image_probabilities(features["image/encoded"]))
         return {"classes": outputs["labels"], "scores": outputs["scores"]}
 
 
@@ -353,9 +403,14 @@ def _features_extractor(model, layer):
     """``(extractor model, metadata entry)`` of the ``features`` signature, or ``(None, None)``.
 
     ``layer`` ``None`` or ``False``: none; `DEFAULT_FEATURES`: fc7 when the model has it.
+    An ensemble's are its members' features side by side (`Ensemble.feature_extractor`).
     """
     if layer is None or layer is False:
         return None, None
+    from keras_alexnet import ensemble  # it builds on this module
+
+    if isinstance(model, ensemble.Ensemble):
+        return model.feature_extractor(layer, required=layer != DEFAULT_FEATURES)
     found = feature_layers.find_layer(model, layer)
     if found is None:
         if layer == DEFAULT_FEATURES:
@@ -368,7 +423,7 @@ def _features_extractor(model, layer):
 
 
 def export_saved_model(model, base_dir, class_names, *, version=None, mean=None, resize=None,
-                       metadata=None, features=DEFAULT_FEATURES):
+                       metadata=None, features=DEFAULT_FEATURES, ten_crop=False):
     """Exports ``model`` as SavedModel version ``<base_dir>/<version>/``.
 
     Args:
@@ -384,6 +439,10 @@ def export_saved_model(model, base_dir, class_names, *, version=None, mean=None,
         metadata: optional JSON-serializable entries added to the export's metadata
             file (e.g. ``{"weights": {...}}`` describing converted weights); they may
             not replace the entries the export writes itself.
+        features: the layer of the ``features`` signature (`DEFAULT_FEATURES`: fc7
+            when the model has it; ``None``: no such signature).
+        ten_crop: whether the encoded-image signatures average over each image's 10
+            crops instead of taking its centre crop (``serving_pixels`` is unchanged).
 
     Returns:
         The ``pathlib.Path`` of the new version directory.
@@ -391,7 +450,8 @@ def export_saved_model(model, base_dir, class_names, *, version=None, mean=None,
     Raises:
         ValueError: if the class count disagrees with the model's outputs, the
             version exists already, or the version is not a positive integer, or the
-            model lacks an explicitly requested ``features`` layer.
+            model lacks an explicitly requested ``features`` layer, or ``ten_crop``
+            is not a bool.
     """
     class_names = [str(name) for name in class_names]
     num_outputs = int(model.output_shape[-1])
@@ -401,6 +461,8 @@ def export_saved_model(model, base_dir, class_names, *, version=None, mean=None,
             "given; pass one name per class, in class-index order."
         )
     top_k = top_k_for(num_outputs)
+    if not isinstance(ten_crop, bool):
+        raise ValueError(f"`ten_crop` must be True or False. Received: {ten_crop!r}")
     base = pathlib.Path(base_dir)
     if version is None:
         version = (files.list_versions(base) or [0])[-1] + 1
@@ -412,7 +474,9 @@ def export_saved_model(model, base_dir, class_names, *, version=None, mean=None,
     base.mkdir(parents=True, exist_ok=True)
     mean = preprocessing.resolve_mean(mean, int(model.input_shape[1]), resize)
     extractor, features_record = _features_extractor(model, features)
-    endpoints = _Endpoints(model, class_names, mean, resize, extractor)
+    if features_record is not None and ten_crop:
+        features_record = {**features_record, "crops": NUM_CROPS, "crop_pooling": "mean"}
+    endpoints = _Endpoints(model, class_names, mean, resize, extractor, ten_crop)
     size = endpoints.size
     extra = dict(metadata or {})
     json.dumps(extra)  # fails here, before anything is written, if not serializable
@@ -458,6 +522,7 @@ def export_saved_model(model, base_dir, class_names, *, version=None, mean=None,
             "top_k": top_k,
             "model": model_record(model),
             "features": features_record,
+            "ten_crop": ten_crop,
         }
         assert set(record) == set(_OWN_METADATA)
         record.update(extra)
@@ -499,6 +564,8 @@ def load_keras_model(version_dir):
         ValueError: if the export holds no model record (a model that was not
             serializable), or its variables do not match the rebuilt architecture.
     """
+    from keras_alexnet import ensemble  # noqa: F401 (registers `Ensemble` for deserializing)
+
     metadata = read_metadata(version_dir)
     if not metadata.get("model"):
         raise ValueError(f"The export {version_dir} records no Keras architecture (its model was "
