@@ -233,7 +233,12 @@ def plot_curves(args):
         _fail(f"{run.history_path} cannot be read ({error})")
     if not rows:
         _fail(f"{run.history_path} holds no epoch yet")
-    steps = pictures.read_scalars(run.log_dir / "train", "batch_loss")
+    try:
+        steps = pictures.read_scalars(run.log_dir / "train", "batch_loss")
+    except Exception as error:  # an optional panel: the epochs' curves do without it
+        print(f"Note: the batch loss of {run.log_dir / 'train'} cannot be read "
+              f"({type(error).__name__}: {error}); curves without it.", file=sys.stderr)
+        steps = None
     try:
         figure = plots.training_curves(rows, steps, pictures.CURVES_SIZE)
     except (ValueError, KeyError) as error:
