@@ -136,7 +136,7 @@ class Ensemble(keras.Model):
             raise ValueError(f"The ensemble's members {missing} have no {layer} layer for the "
                              "features signature; pass features=None to export without one.")
         images = keras.Input(shape=tuple(self.input_shape[1:]), name="images")
-        parts = [feature_layers.feature_extractor(copy, layer)([images]) for copy in self.members]
+        parts = [feature_layers.feature_extractor(copy, layer)(images) for copy in self.members]
         joined = keras.layers.Concatenate(name=f"{layer}_members", dtype="float32")(parts)
         extractor = keras.Model(images, joined, name=f"{self.name}_{layer}")
         dims = [int(part.shape[-1]) for part in parts]

@@ -407,10 +407,11 @@ def _features_extractor(model, layer):
     """
     if layer is None or layer is False:
         return None, None
-    from keras_alexnet import ensemble  # it builds on this module
-
-    if isinstance(model, ensemble.Ensemble):
-        return model.feature_extractor(layer, required=layer != DEFAULT_FEATURES)
+    # A model that defines its own features (an `keras_alexnet.ensemble.Ensemble`, which
+    # builds on this module, so is not imported here) says what they are.
+    own = getattr(model, "feature_extractor", None)
+    if callable(own):
+        return own(layer, required=layer != DEFAULT_FEATURES)
     found = feature_layers.find_layer(model, layer)
     if found is None:
         if layer == DEFAULT_FEATURES:
@@ -564,8 +565,6 @@ def load_keras_model(version_dir):
         ValueError: if the export holds no model record (a model that was not
             serializable), or its variables do not match the rebuilt architecture.
     """
-    from keras_alexnet import ensemble  # noqa: F401 (registers `Ensemble` for deserializing)
-
     metadata = read_metadata(version_dir)
     if not metadata.get("model"):
         raise ValueError(f"The export {version_dir} records no Keras architecture (its model was "

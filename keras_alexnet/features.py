@@ -84,7 +84,9 @@ def feature_extractor(model, layer="fc7"):
     if outputs.dtype != "float32":
         outputs = keras.layers.Activation("linear", dtype="float32",
                                           name=f"{layer}_float32")(outputs)
-    return keras.Model(model.inputs, outputs, name=f"{model.name}_{layer}")
+    # The single input tensor, not the list ``model.inputs``: called with a bare tensor
+    # (as everywhere here), a list-input model warns that the structures differ.
+    return keras.Model(model.inputs[0], outputs, name=f"{model.name}_{layer}")
 
 
 def feature_dim(model, layer="fc7"):

@@ -204,7 +204,7 @@ def test_metadata_features_and_keras_reload(ensemble_export, members, member_exp
     got = signature(ensemble_export, "features")(images=tf.constant(image_bytes))["features"]
     from keras_alexnet import features as feature_layers
 
-    want = np.concatenate([feature_layers.feature_extractor(m, "fc7")([pixels]).numpy()
+    want = np.concatenate([feature_layers.feature_extractor(m, "fc7")(pixels).numpy()
                            for m in members], axis=1)
     assert got.shape == (len(image_bytes), 2 * 512) and want.max() > 0.1
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5 * want.max())

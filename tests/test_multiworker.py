@@ -129,8 +129,9 @@ def test_the_committed_checkpoint_is_the_final_weights(cluster_runs):
 @pytest.mark.slow
 def test_only_the_chief_writes_checkpoints_and_the_export(cluster_runs):
     base, first = cluster_runs["base"], cluster_runs["first"]
-    assert cluster_runs["snapshot"] == ["checkpoints", "config.json", "export.json",
-                                        "history.csv", "logs", "state.json"]
+    assert cluster_runs["snapshot"] == ["checkpoints", "config.json", "curves.png",
+                                        "export.json", "filters.png", "history.csv", "logs",
+                                        "state.json"]
     assert sorted(p.name for p in (base / "models").iterdir()) == ["1"]
     assert first[0][0]["export_path"] == str(base / "models" / "1")
     assert first[1][0]["export_path"] is None
