@@ -254,7 +254,8 @@ def training_curves(history_rows, steps=None, size=(800, 600)):
     if steps:
         axes = figure.add_subplot(grid[:, 2])
         axes.plot(*_decimated(steps), "-", color=_TRAIN, linewidth=0.8)
-        axes.set_title("batch loss", fontsize=10)
+        # The loop logs the epoch's running mean loss every 10 steps under this tag.
+        axes.set_title("loss, running epoch mean", fontsize=10)
         axes.set_xlabel("step", fontsize=8)
         axes.tick_params(labelsize=7)
     return figure

@@ -157,14 +157,18 @@ def _event_files(base, split):
 
 
 def _scalars(paths):
-    """``{tag: {step: value}}`` of the scalars in event files."""
+    """``{tag: {step: value}}`` of the scalars in event files (the epoch pictures, image
+    summaries, are not scalars)."""
     import tensorflow as tf
 
     values = {}
     for path in paths:
         for event in tf.compat.v1.train.summary_iterator(str(path)):
             for value in event.summary.value:
-                number = float(tf.make_ndarray(value.tensor))
+                array = tf.make_ndarray(value.tensor)
+                if array.ndim:
+                    continue
+                number = float(array)
                 values.setdefault(value.tag, {})[event.step] = number
     return values
 

@@ -191,7 +191,7 @@ def test_curves_plot_errors_from_the_history_file(tmp_path):
     np.testing.assert_array_equal(batch.lines[0].get_xdata(), [10, 20, 30])
     np.testing.assert_array_equal(batch.lines[0].get_ydata(), [2.6, 1.8, 1.2])
     assert [a.get_title() for a in figure.axes] == [
-        "loss", "top-1 error", "top-5 error", "learning rate", "batch loss"]
+        "loss", "top-1 error", "top-5 error", "learning rate", "loss, running epoch mean"]
 
 
 def test_curves_of_one_epoch_without_steps_and_of_none(tmp_path):

@@ -313,6 +313,7 @@ class Logger:
             self.bar.update(step, values=[(k, logs[k]) for k in ("loss", "top1")])
         if global_step % 10 == 0:
             with self.train_writer.as_default(step=global_step):
+                # The epoch's running mean loss so far (the tag predates the name).
                 tf.summary.scalar("batch_loss", logs["loss"])
 
     def end_epoch(self, epoch, logs):
