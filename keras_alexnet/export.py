@@ -33,6 +33,11 @@ the features) over them; ``serving_pixels`` still takes one preprocessed crop pe
 row (send the 10 crops as 10 rows and average ``probabilities`` to do the same).
 The metadata's ``ten_crop`` records the choice; the network runs 10 times per image.
 
+Every version carries TF Serving's warm-up file ``assets.extra/tf_serving_warmup_requests``
+(`keras_alexnet.warmup`: requests for each signature at batch 1 and 8, from an image the
+export makes itself), which TF Serving and the embedded server replay before the version
+becomes AVAILABLE; the metadata's ``warmup`` entry counts its records.
+
 Images whose header declares more than `MAX_IMAGE_PIXELS` pixels (for a GIF: all its
 frames together) are rejected before decoding (``InvalidArgumentError``), so one
 request cannot exhaust a server's memory; bytes of any other format, and animated
@@ -51,14 +56,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_alexnet import faults, files, preprocessing
+from keras_alexnet import faults, files, preprocessing, warmup
 from keras_alexnet import features as feature_layers
 
 TOP_K = 5
 MAX_IMAGE_PIXELS = 50_000_000
 METADATA_FILE = "alexnet_export.json"
 _OWN_METADATA = ("class_names", "image_size", "mean", "resize_size", "signatures", "top_k",
-                 "model", "features", "ten_crop")
+                 "model", "features", "ten_crop", "warmup")
 FEATURES_SIGNATURE = "features"
 DEFAULT_FEATURES = "fc7"  # the layer of the ``features`` signature unless told otherwise
 NUM_CROPS = 10  # the paper's test patches per image (``ten_crop``)
@@ -514,6 +519,8 @@ def export_saved_model(model, base_dir, class_names, *, version=None, mean=None,
     # renamed into place only once complete.
     with files.staged_directory(target, tag=str(version)) as staging:
         archive.write_out(str(staging), verbose=False)
+        # TF Serving's warm-up file: the server runs every signature before serving it.
+        warmup_records = warmup.write_warmup_file(staging, signatures, size)
         record = {
             "class_names": class_names,
             "image_size": size,
@@ -524,6 +531,8 @@ def export_saved_model(model, base_dir, class_names, *, version=None, mean=None,
             "model": model_record(model),
             "features": features_record,
             "ten_crop": ten_crop,
+            "warmup": {"file": f"assets.extra/{warmup.WARMUP_FILE}",
+                       "records": warmup_records, "batch_sizes": list(warmup.BATCH_SIZES)},
         }
         assert set(record) == set(_OWN_METADATA)
         record.update(extra)

@@ -237,7 +237,7 @@ class ModelServer:
             max_num_load_retries=args.max_num_load_retries,
             load_retry_interval_s=args.load_retry_interval_micros / 1e6,
             tags=args.saved_model_tags.split(","),
-            warmup=(make_warmup(self.runner, args.num_request_iterations_for_warmup)
+            warmup=(make_warmup(self._warmup_runner(), args.num_request_iterations_for_warmup)
                     if args.enable_model_warmup else None),
             allow_labels_for_unavailable=args.allow_version_labels_for_unavailable_models,
             reload_timeout_s=args.reload_config_timeout_seconds,
@@ -248,6 +248,18 @@ class ModelServer:
         self.addresses = []  # what the listeners really bound, as logged
         self._config_thread = None
         self._stopped = threading.Event()
+
+    def _warmup_runner(self):
+        """The runner of warm-up replays: this server's batcher and method check, without
+        the per-request caps (``--max_request_elements``/``--max_request_strings``). The
+        warm-up file belongs to the model, like its graph, not to a client; it is bounded
+        by its 1000 records, and a cap set for clients must not keep a version from
+        loading."""
+        runner = _inference.Runner(
+            enable_signature_method_name_check=self.runner.method_check,
+            max_request_elements=None, max_request_strings=None)
+        runner.batcher = self.runner.batcher
+        return runner
 
     def start(self):
         """Loads the initial versions, then opens the gRPC (and REST) ports."""
