@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import tensorflow as tf
-from _serving_fixtures import CLASS_NAMES, tiny_version
+from _serving_fixtures import CLASS_NAMES, export_tiny
 from tensorflow_serving.apis import prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
@@ -18,14 +18,20 @@ from serving.server import make_warmup
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(scope="module")
+def version(tmp_path_factory):
+    """A tiny export of this module's own (the shared cached one lives in another
+    module's temporary folder)."""
+    return export_tiny(tmp_path_factory.mktemp("warmup") / "alexnet", version=1)
+
+
 def _records(version_dir):
     path = version_dir / "assets.extra" / warmup.WARMUP_FILE
     return [prediction_log_pb2.PredictionLog.FromString(r.numpy())
             for r in tf.data.TFRecordDataset(str(path))]
 
 
-def test_every_signature_has_warmup_requests_that_the_savedmodel_answers():
-    version = tiny_version()
+def test_every_signature_has_warmup_requests_that_the_savedmodel_answers(version):
     metadata = json.loads((version / "assets.extra" / export.METADATA_FILE).read_text())
     logs = _records(version)
     signatures = metadata["signatures"]
@@ -76,8 +82,7 @@ class CountingRunner(Runner):
         return super().classify(manager, request, **kwargs)
 
 
-def test_the_embedded_server_replays_the_export_warmup_before_available(tmp_path):
-    version = tiny_version()
+def test_the_embedded_server_replays_the_export_warmup_before_available(version):
     config = model_server_config_pb2.ModelServerConfig()
     config.model_config_list.config.add(name="alexnet", base_path=str(version.parent),
                                         model_platform="tensorflow")
