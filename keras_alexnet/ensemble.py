@@ -185,8 +185,7 @@ class Member:
 
 
 def _label(member, index):
-    path = getattr(member, "path", None)
-    return f"member {index} ({path})" if path is not None else f"member {index}"
+    return f"member {index} ({member.path})" if member.path is not None else f"member {index}"
 
 
 def check_members(members, class_names=None):
@@ -280,8 +279,9 @@ def export_ensemble(members, base_dir, *, class_names=None, version=None, ten_cr
     record = {
         "members": [{
             "keras_name": copy.name,
-            "path": None if getattr(m, "path", None) is None else str(m.path),
+            "path": None if m.path is None else str(m.path),
             "class_name": type(m.model).__name__,
+            # A LoadedModel (the other accepted member type) records no weights.
             "weights": getattr(m, "weights", None),
         } for m, copy in zip(members, model.members)],
         "averaging": AVERAGING,

@@ -50,7 +50,7 @@ def find_layer(model, layer):
         ValueError: for a name not in `FEATURE_LAYERS`.
     """
     _check_layer(layer)
-    names = {sub.name for sub in getattr(model, "layers", ())}
+    names = {sub.name for sub in model.layers}
     for name in _LAYER_NAMES[layer]:
         if name in names:
             return model.get_layer(name)

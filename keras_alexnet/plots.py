@@ -131,13 +131,13 @@ def conv1_kernels(model):
     """
     import keras
 
-    names = {layer.name for layer in getattr(model, "layers", ())}
+    names = {layer.name for layer in model.layers}
     if {"conv1_a", "conv1_b"} <= names:
         found = list(zip(TOWER_TITLES, ("conv1_a", "conv1_b")))
     elif "conv1" in names:
         found = [("conv1", "conv1")]
     else:
-        raise ValueError(f"The model {getattr(model, 'name', model)!r} has no conv1 layer "
+        raise ValueError(f"The model {model.name!r} has no conv1 layer "
                          "(conv1, or conv1_a and conv1_b): filters need an AlexNet of this "
                          "package.")
     return [(title, keras.ops.convert_to_numpy(model.get_layer(name).kernel))

@@ -9,16 +9,14 @@ import pathlib
 import re
 import sys
 
+import _caffe_reference as reference
 import numpy as np
 import pytest
+from _subprocess import ONEDNN_SETTINGS, run_script
 
 from keras_alexnet.convert import caffe_pb
 
 TESTS = pathlib.Path(__file__).parent
-sys.path.insert(0, str(TESTS))
-
-import _caffe_reference as reference  # noqa: E402
-from _subprocess import ONEDNN_SETTINGS, run_script  # noqa: E402
 
 LAYER_SEEDS = {"layer": 1, "V1": 2}
 PIXEL_SEED = 7
@@ -379,7 +377,6 @@ def test_the_convert_command_exports_a_version_and_refuses_bad_requests(caffe_fi
     """``alexnet-convert caffe`` as a user runs it: a new version with the Caffe record;
     an existing --version or a missing file is refused and changes nothing."""
     import subprocess
-    import sys
 
     prototxt, caffemodel = caffe_files["layer"]
     base = tmp_path / "models" / "alexnet"

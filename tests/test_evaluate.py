@@ -109,7 +109,7 @@ def test_cli_on_a_checkpoint_and_on_its_saved_model(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_on_a_training_run_and_its_checkpoint(shapes_data_dir, tmp_path):
+def test_cli_on_a_training_run_and_its_checkpoint(shapes_data_dir, tmp_path, capsys):
     """`alexnet-evaluate <run>` reads the run's own checkpoint format; its centre-crop
     error is the training loop's final validation error (the same preprocessing)."""
     import dataclasses
@@ -133,8 +133,12 @@ def test_cli_on_a_training_run_and_its_checkpoint(shapes_data_dir, tmp_path):
     assert from_run["centre_top1_error"] == pytest.approx(1 - trained["val_top1"], abs=1e-6)
     assert from_run["centre_top5_error"] == pytest.approx(1 - trained["val_top5"], abs=1e-6)
 
-    with pytest.raises(SystemExit, match="no checkpoint ckpt-7"):
+    with pytest.raises(SystemExit) as info:
         evaluate.main([str(checkpoint.with_name("ckpt-7")), *args])
+    assert info.value.code == 2 and "no checkpoint ckpt-7" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:  # two values are not a mean
+        evaluate.main([str(checkpoint), *args, "--mean", "120,110"])
+    assert info.value.code == 2 and "--mean must be" in capsys.readouterr().err
 
 
 def test_commands_end_with_an_exit_status_not_a_printed_summary(tmp_path):

@@ -230,7 +230,7 @@ def test_cli_bad_inputs_fail_clearly_and_write_nothing(layout, image_paths, tmp_
     for argv, message in cases:
         with pytest.raises(SystemExit) as info:
             _run([*argv, "--out", out, "--data-dir", tmp_path / "cache"])
-        assert message in str(info.value.code)
+        assert info.value.code == 2 and message in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:
         _run([version, photos, "--layer", "fc8", "--out", out])
     assert info.value.code == 2 and "invalid choice: 'fc8'" in capsys.readouterr().err
@@ -239,6 +239,6 @@ def test_cli_bad_inputs_fail_clearly_and_write_nothing(layout, image_paths, tmp_
     (undecodable / "a.jpg").write_bytes(b"garbage")
     with pytest.raises(SystemExit) as info, pytest.warns(features_cli.UndecodableImagesWarning):
         _run([version, undecodable.parent, "--out", out, "--data-dir", tmp_path / "cache"])
-    assert "could be decoded" in str(info.value.code)
+    assert info.value.code == 2 and "could be decoded" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob(".tmp-*"))
     json.dumps(export.read_metadata(version)["features"])  # the entry stays plain JSON

@@ -204,14 +204,16 @@ def test_cli_end_to_end(photos, tmp_path, capsys):
                                   np.argsort(-reference, axis=1, kind="stable"))
 
 
-def test_cli_errors(photos, tmp_path):
+def test_cli_errors(photos, tmp_path, capsys):
     root, data_dir, _, _ = photos
-    with pytest.raises(SystemExit, match="is not a training run"):
+    with pytest.raises(SystemExit) as info:
         probe_cli.main([str(tmp_path / "missing"), "--dataset", f"folder:{root}",
                         "--val-split", "0.3"])
+    assert info.value.code == 2 and "is not a training run" in capsys.readouterr().err
     inputs = keras.Input((67, 67, 3))
     generic = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Flatten()(inputs)))
     generic.save(tmp_path / "generic.keras")
-    with pytest.raises(SystemExit, match="has no fc7 layer"):
+    with pytest.raises(SystemExit) as info:
         probe_cli.main([str(tmp_path / "generic.keras"), "--dataset", f"folder:{root}",
                         "--val-split", "0.3"])
+    assert info.value.code == 2 and "has no fc7 layer" in capsys.readouterr().err

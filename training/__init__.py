@@ -4,6 +4,7 @@ This package's own import is light (no TensorFlow), so that a recipe can set
 TensorFlow's environment before the library imports it.
 """
 
+import argparse
 import os
 import sys
 
@@ -20,3 +21,42 @@ def prefer_onednn():
     """
     if "tensorflow" not in sys.modules:
         os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+
+
+def fail(message, status=2):
+    """Ends a command with ``error: <message>`` on stderr and exit status ``status``.
+
+    The recipes' one convention: status 2 for input refused before any work (a bad flag,
+    a missing file, an incompatible model), 1 for a run that failed while working (a
+    diverged loss). Raising `SystemExit` keeps ``finally`` blocks and atomic writes'
+    clean-ups running.
+    """
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(status)
+
+
+def read_labels(path):
+    """The class names of a ``--labels`` text file (one per line, in output order; blank
+    lines ignored), or ``None`` without one; `fail` for a missing or empty file."""
+    if path is None:
+        return None
+    import pathlib
+
+    path = pathlib.Path(path).expanduser()
+    if not path.is_file():
+        fail(f"--labels {path} does not exist")
+    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not names:
+        fail(f"--labels {path} holds no class names")
+    return names
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's defaults in ``--help``, except where there is none to show (``None``,
+    ``False`` of a switch) or the help text already says what the default is."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False) or "default" in text:
+            return text
+        return super()._get_help_string(action)

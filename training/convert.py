@@ -17,6 +17,8 @@ import os
 import pathlib
 import sys
 
+from training import HelpFormatter, fail, read_labels
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
@@ -24,17 +26,17 @@ def build_parser():
     parser = argparse.ArgumentParser(
         description="Convert Caffe's bvlc_alexnet or torchvision's AlexNet weights into this "
                     "package's model and export a SavedModel version for TensorFlow Serving.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     sources = parser.add_subparsers(dest="source", required=True, metavar="{caffe,torchvision}")
     caffe = sources.add_parser("caffe", help="Caffe's two-tower bvlc_alexnet",
-                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                               formatter_class=HelpFormatter)
     caffe.add_argument("--prototxt", required=True, help="the network definition (deploy.prototxt)")
     caffe.add_argument("--caffemodel", required=True, help="the weights (bvlc_alexnet.caffemodel)")
     caffe.add_argument("--mean", help="Caffe's mean image (ilsvrc_2012_mean.binaryproto); default: "
                                       "its per-channel average (B, G, R = 104, 117, 123)")
     torchvision = sources.add_parser("torchvision", help="torchvision's one-tower AlexNet",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     torchvision.add_argument("--state-dict", required=True,
                              help="a state dict saved by torch.save (alexnet-owt-7be5be79.pth)")
     for sub in (caffe, torchvision):
@@ -46,35 +48,23 @@ def build_parser():
     return parser
 
 
-def _read_labels(path):
-    if path is None:
-        return None
-    path = pathlib.Path(path).expanduser()
-    if not path.is_file():
-        raise SystemExit(f"error: --labels {path} does not exist")
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not names:
-        raise SystemExit(f"error: --labels {path} holds no class names")
-    return names
-
-
 def _check_file(flag, path):
     path = pathlib.Path(path).expanduser()
     if not path.is_file():
-        raise SystemExit(f"error: {flag} {path} does not exist (the project downloads nothing: "
-                         "bring the file, see README 'Pretrained weights and transfer')")
+        fail(f"{flag} {path} does not exist (the project downloads nothing: "
+             "bring the file, see README 'Pretrained weights and transfer')")
     return path
 
 
 def main(argv=None):
     """Converts and exports; returns the new version directory."""
     args = build_parser().parse_args(argv)
-    labels = _read_labels(args.labels)
+    labels = read_labels(args.labels)
     if args.version is not None and args.version < 1:
-        raise SystemExit(f"error: --version must be a positive integer. Received {args.version}")
+        fail(f"--version must be a positive integer. Received {args.version}")
     export_base = pathlib.Path(args.export).expanduser()
     if args.version is not None and (export_base / str(args.version)).exists():
-        raise SystemExit(f"error: version {args.version} already exists in {export_base}")
+        fail(f"version {args.version} already exists in {export_base}")
 
     # Checked before TensorFlow starts: a typo fails in a moment.
     if args.source == "caffe":
@@ -97,7 +87,7 @@ def main(argv=None):
             converted = torchvision.load_torchvision(state_dict, class_names=labels)
         version = convert.export_converted(converted, export_base, version=args.version)
     except (ValueError, ImportError) as error:
-        raise SystemExit(f"error: {error}") from None
+        fail(str(error))
     weights = converted.weights
     accuracy = weights.get("published_accuracy")
     print(f"Exported {args.source} weights ({converted.model.count_params():,} parameters, "

@@ -18,6 +18,8 @@ import os
 import pathlib
 import sys
 
+from training import HelpFormatter, fail, read_labels
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
@@ -25,7 +27,7 @@ def build_parser():
     parser = argparse.ArgumentParser(
         description="Export the average of several models' softmax as one SavedModel version "
                     "for TensorFlow Serving (the paper's ensembles).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("members", nargs="+", metavar="MEMBER",
                         help="two or more models: SavedModel version (or base) directories, "
@@ -41,23 +43,6 @@ def build_parser():
     return parser
 
 
-def _fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
-def _read_labels(path):
-    if path is None:
-        return None
-    path = pathlib.Path(path).expanduser()
-    if not path.is_file():
-        _fail(f"--labels {path} does not exist")
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not names:
-        _fail(f"--labels {path} holds no class names")
-    return names
-
-
 def _load_member(index, given):
     """A `keras_alexnet.ensemble.Member` of the path ``given`` (exits 2 if unusable)."""
     from keras_alexnet import ensemble, export
@@ -66,7 +51,7 @@ def _load_member(index, given):
     try:
         loaded = model_source.load_keras(given)
     except (FileNotFoundError, ValueError, OSError) as error:
-        _fail(f"member {index} ({given}): {error}")
+        fail(f"member {index} ({given}): {error}")
     weights = None
     if loaded.origin == "export":
         weights = export.read_metadata(loaded.path).get("weights")
@@ -78,16 +63,16 @@ def main(argv=None):
     """Loads the members, checks them and exports the ensemble; returns the version path."""
     args = build_parser().parse_args(argv)
     if len(args.members) < 2:
-        _fail(f"an ensemble needs at least 2 members; got {len(args.members)}")
+        fail(f"an ensemble needs at least 2 members; got {len(args.members)}")
     if args.version is not None and args.version < 1:
-        _fail(f"--version must be a positive integer. Received {args.version}")
+        fail(f"--version must be a positive integer. Received {args.version}")
     base = pathlib.Path(args.export).expanduser()
     if args.version is not None and (base / str(args.version)).exists():
-        _fail(f"version {args.version} already exists in {base}")
+        fail(f"version {args.version} already exists in {base}")
     for index, given in enumerate(args.members):  # before TensorFlow starts: a typo fails fast
         if not pathlib.Path(given).expanduser().exists():
-            _fail(f"member {index} ({given}) does not exist")
-    labels = _read_labels(args.labels)
+            fail(f"member {index} ({given}) does not exist")
+    labels = read_labels(args.labels)
 
     from keras_alexnet import ensemble
 
@@ -96,7 +81,7 @@ def main(argv=None):
         version = ensemble.export_ensemble(members, base, class_names=labels,
                                            version=args.version, ten_crop=args.ten_crop)
     except ValueError as error:
-        _fail(error)
+        fail(error)
     crops = "10 crops" if args.ten_crop else "the centre crop"
     print(f"Exported an ensemble of {len(members)} members (the mean of their softmax, on "
           f"{crops} of each encoded image) to {version}")

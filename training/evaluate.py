@@ -2,7 +2,7 @@
 10 crops.
 
     alexnet-evaluate runs/paper-imagenet2012                    # its newest checkpoint
-    alexnet-evaluate runs/paper-imagenet2012/checkpoints/ckpt-900900
+    alexnet-evaluate runs/paper-imagenet2012/checkpoints/ckpt-900810
     alexnet-evaluate models/alexnet/3 --dataset folder:~/pets --val-split 0.1
 
 Prints the errors as in the paper's tables (Sec. 6) and writes per-class accuracies to a
@@ -21,6 +21,8 @@ import os
 import pathlib
 import sys
 
+from training import HelpFormatter, fail
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
@@ -28,7 +30,7 @@ def build_parser():
     parser = argparse.ArgumentParser(
         description="Top-1/top-5 error of an AlexNet checkpoint or SavedModel, for a centre "
                     "crop and for 10 crops (4 corners + centre, mirrored; softmax averaged).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("model", help="a training run directory (newest checkpoint), one of "
                                       "its checkpoints/ckpt-N, a SavedModel version directory "
@@ -60,7 +62,7 @@ def _newest_version(path):
     try:
         return model_source.newest_version(path)
     except FileNotFoundError as error:
-        raise SystemExit(f"error: {error}") from None
+        fail(error)
 
 
 def _run_and_checkpoint(path):
@@ -71,18 +73,7 @@ def _run_and_checkpoint(path):
     try:
         return model_source.run_and_checkpoint(path)
     except FileNotFoundError as error:
-        raise SystemExit(f"error: {error}") from None
-
-
-def _parse_mean(text):
-    if text in (None, "imagenet", "image") or text.endswith(".npy"):
-        return text
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        raise SystemExit(f"error: --mean must be 'imagenet', 'image', R,G,B or a .npy file. "
-                         f"Received: {text!r}") from None
-    return values
+        fail(error)
 
 
 def load_model(path):
@@ -101,7 +92,7 @@ def load_model(path):
         try:
             model = run.load_model(name)
         except (FileNotFoundError, ValueError) as error:
-            raise SystemExit(f"error: {error}") from None
+            fail(error)
         config = dataclasses.asdict(run.read_config())
         num_outputs = int(model.output_shape[-1])
         return (lambda num_classes: (evaluation.keras_predictor(model), num_outputs),
@@ -130,24 +121,27 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
 
     from keras_alexnet import datasets, preprocessing
-    from keras_alexnet.training import evaluation
+    from keras_alexnet.training import evaluation, probe
 
     make_predictor, image_size, model_mean, run_config, resize = load_model(args.model)
     dataset = args.dataset or run_config.get("dataset")
     if not dataset:
-        raise SystemExit("error: pass --dataset (the model's training run is not known)")
+        fail("pass --dataset (the model's training run is not known)")
     data_dir = args.data_dir or run_config.get("data_dir")
     source = datasets.load(dataset, data_dir=data_dir,
                            manual_dir=args.manual_dir or run_config.get("manual_dir"),
                            val_split=args.val_split or run_config.get("val_split"))
     predict, num_outputs = make_predictor(source.num_classes)
     if num_outputs != source.num_classes:
-        raise SystemExit(f"error: the model has {num_outputs} outputs but {dataset} has "
+        fail(f"the model has {num_outputs} outputs but {dataset} has "
                          f"{source.num_classes} classes")
 
-    mean = _parse_mean(args.mean) if args.mean else model_mean
+    try:
+        mean = probe.parse_mean(args.mean) if args.mean else model_mean
+    except ValueError as error:
+        fail(error)
     if mean is None:
-        raise SystemExit("error: the SavedModel was exported with a per-pixel mean image that it "
+        fail("the SavedModel was exported with a per-pixel mean image that it "
                          "does not carry; pass it with --mean (a .npy file, or 'image')")
     if mean == "image":
         from keras_alexnet.training import mean_image
@@ -170,7 +164,9 @@ def main(argv=None):
     print(f"Per-class accuracy written to {csv_path}")
     summary = result.summary()
     if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(summary, indent=1))
+        from keras_alexnet import files
+
+        files.atomic_write(pathlib.Path(args.json).expanduser(), json.dumps(summary, indent=1))
     return summary
 
 

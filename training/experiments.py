@@ -22,7 +22,7 @@ import dataclasses
 import os
 import sys
 
-from training import prefer_onednn
+from training import HelpFormatter, prefer_onednn
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 if __name__ == "__main__":
@@ -41,7 +41,7 @@ _FIELD_FLAGS = ("dataset", "data_dir", "manual_dir", "epochs", "image_size", "wi
 def build_parser():
     parser = argparse.ArgumentParser(
         description="Run one of the paper's experiments and write its table and plot.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     parser.add_argument("name", choices=sorted(experiments.EXPERIMENTS))
     parser.add_argument("--preset", choices=sorted(BASES), default="small",
                         help="small: a narrow network that trains in minutes on a CPU; "

@@ -22,6 +22,8 @@ import pathlib
 import sys
 import warnings
 
+from training import HelpFormatter, fail
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from keras_alexnet.features import FEATURE_LAYERS
@@ -30,7 +32,7 @@ from keras_alexnet.features import FEATURE_LAYERS
 def build_parser():
     parser = argparse.ArgumentParser(
         description="Features of a folder of images at an AlexNet layer (DeCAF), as .npz.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("model", help="a training run directory (newest checkpoint), one of its "
                                       "checkpoints/ckpt-N, a SavedModel version directory (or its "
@@ -52,10 +54,6 @@ class UndecodableImagesWarning(UserWarning):
     """Files of the folder that could not be decoded were skipped."""
 
 
-def _fail(message):
-    raise SystemExit(f"error: {message}")
-
-
 def write_npz(path, **arrays):
     """Writes ``arrays`` as an .npz at ``path`` atomically (a temporary, then a rename)."""
     import numpy as np
@@ -73,10 +71,10 @@ def main(argv=None):
     """Extracts and writes the features; returns a summary dict."""
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:
-        _fail("--batch-size must be at least 1")
+        fail("--batch-size must be at least 1")
     out = pathlib.Path(args.out)
     if out.is_dir():
-        _fail(f"--out {out} is a folder; name the .npz file to write")
+        fail(f"--out {out} is a folder; name the .npz file to write")
 
     import numpy as np
     import tensorflow as tf
@@ -89,18 +87,18 @@ def main(argv=None):
     try:
         paths, labels, class_names = features.list_images(root)
     except ValueError as error:
-        _fail(error)
+        fail(error)
     try:
         loaded = model_source.load_keras(args.model)
     except (FileNotFoundError, ValueError) as error:
-        _fail(error)
+        fail(error)
     if features.find_layer(loaded.model, args.layer) is None:
-        _fail(f"the model {args.model} has no {args.layer} layer (it is not an AlexNet of "
+        fail(f"the model {args.model} has no {args.layer} layer (it is not an AlexNet of "
               "this package)")
     try:
         mean = probe.model_mean(loaded, args.mean, args.data_dir)
     except (ValueError, OSError) as error:
-        _fail(error)
+        fail(error)
 
     good, bad = folder.checked_files(paths, args.data_dir)
     if bad:
@@ -109,7 +107,7 @@ def main(argv=None):
         warnings.warn(f"Skipped {len(bad)} file(s) under {root} that could not be read or "
                       f"decoded: {shown}{more}.", UndecodableImagesWarning, stacklevel=2)
     if not good:
-        _fail(f"none of the {len(paths)} images under {root} could be decoded")
+        fail(f"none of the {len(paths)} images under {root} could be decoded")
     good_set = set(good)
     kept = [(p, y) for p, y in zip(paths, labels) if p in good_set]
     paths = [p for p, _ in kept]

@@ -27,7 +27,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out
 
-from training import prefer_onednn
+from training import HelpFormatter, prefer_onednn
 
 if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "alexnet-finetune":
     prefer_onednn()
@@ -42,7 +42,7 @@ def build_parser():
     parser = argparse.ArgumentParser(
         description="Fine-tune an AlexNet (a run, checkpoint, export or .keras file) on a "
                     "dataset: new fc8, frozen layers, optional unfreezing; export a SavedModel.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--from", dest="init_from", required=True, metavar="SOURCE",
                         help="the model to start from: a run directory, run/checkpoints/ckpt-N, "

@@ -34,6 +34,8 @@ import pathlib
 import re
 import sys
 
+from training import HelpFormatter, fail
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 MODEL_HELP = ("a training run directory (newest checkpoint), one of its checkpoints/ckpt-N, a "
@@ -44,12 +46,12 @@ MODEL_HELP = ("a training run directory (newest checkpoint), one of its checkpoi
 def build_parser():
     parser = argparse.ArgumentParser(
         description="Pictures of an AlexNet or its training run, as PNG files.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name, help_text):
         sub = commands.add_parser(name, help=help_text, description=help_text,
-                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                  formatter_class=HelpFormatter)
         sub.add_argument("--out", help=f"the PNG file to write (default: {name}.png here"
                          + (", or the run directory's own" if name in ("filters", "curves")
                             else "") + ")")
@@ -94,11 +96,6 @@ def build_parser():
     return parser
 
 
-def _fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
 def _tf_message(error):
     """The first line of a TensorFlow error's message, without its op annotations."""
     text = str(getattr(error, "message", None) or error).splitlines()[0]
@@ -109,7 +106,7 @@ def _tf_message(error):
 def _check_out(out):
     out = pathlib.Path(out).expanduser()
     if out.is_dir():
-        _fail(f"--out {out} is a folder; name the .png file to write")
+        fail(f"--out {out} is a folder; name the .png file to write")
     return out
 
 
@@ -120,7 +117,7 @@ def _write(out, data):
         out.parent.mkdir(parents=True, exist_ok=True)
         files.atomic_write(out, data)
     except OSError as error:
-        _fail(f"cannot write {out}: {error}")
+        fail(f"cannot write {out}: {error}")
     width, height = plots.png_size(data)
     print(f"Wrote {out} ({width}x{height})")
     return {"out": str(out), "size": (width, height)}
@@ -134,7 +131,7 @@ def _load_model(path):
     try:
         return model_source.load_keras(path)
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
-        _fail(str(error).splitlines()[0] if str(error) else f"{path} is not a model")
+        fail(str(error).splitlines()[0] if str(error) else f"{path} is not a model")
 
 
 def _is_run_dir(path):
@@ -147,7 +144,7 @@ def _mean(loaded, override, data_dir):
     try:
         return probe.model_mean(loaded, override, data_dir)
     except (OSError, ValueError) as error:
-        _fail(error)
+        fail(error)
 
 
 def _crop_for_display(image, loaded):
@@ -168,14 +165,14 @@ def _dataset(args, loaded):
     config = loaded.run_config or {}
     name = args.dataset or config.get("dataset")
     if not name:
-        _fail("pass --dataset (the model's training run is not known)")
+        fail("pass --dataset (the model's training run is not known)")
     data_dir = args.data_dir or (config.get("data_dir") if not args.dataset else None)
     try:
         source = datasets.load(name, data_dir=data_dir,
                                manual_dir=args.manual_dir or config.get("manual_dir"),
                                val_split=args.val_split or config.get("val_split"))
     except (OSError, ValueError) as error:
-        _fail(error)
+        fail(error)
     return source, data_dir
 
 
@@ -210,7 +207,7 @@ def plot_filters(args):
     try:
         figure = plots.filter_grid(loaded.model)
     except ValueError as error:
-        _fail(error)
+        fail(error)
     return _write(out, plots.to_png(figure))
 
 
@@ -221,18 +218,18 @@ def plot_curves(args):
 
     path = pathlib.Path(args.run_dir).expanduser()
     if not path.is_dir():
-        _fail(f"{path} is not a training run directory (no such folder)")
+        fail(f"{path} is not a training run directory (no such folder)")
     run = RunDirectory(path)
     if not run.history_path.is_file():
-        _fail(f"{path} has no history.csv: it is not a training run, or no epoch has "
+        fail(f"{path} has no history.csv: it is not a training run, or no epoch has "
               "finished yet")
     out = _check_out(args.out or run.path / "curves.png")
     try:
         rows = run.read_history()
     except (OSError, ValueError, KeyError, TypeError) as error:
-        _fail(f"{run.history_path} cannot be read ({error})")
+        fail(f"{run.history_path} cannot be read ({error})")
     if not rows:
-        _fail(f"{run.history_path} holds no epoch yet")
+        fail(f"{run.history_path} holds no epoch yet")
     try:
         steps = pictures.read_scalars(run.log_dir / "train", "batch_loss")
     except Exception as error:  # an optional panel: the epochs' curves do without it
@@ -242,7 +239,7 @@ def plot_curves(args):
     try:
         figure = plots.training_curves(rows, steps, pictures.CURVES_SIZE)
     except (ValueError, KeyError) as error:
-        _fail(f"{run.history_path}: {error}")
+        fail(f"{run.history_path}: {error}")
     return _write(out, plots.to_png(figure))
 
 
@@ -258,12 +255,12 @@ def _image_files(arguments, limit):
             try:
                 found, _, _ = features.list_images(path)
             except ValueError as error:
-                _fail(error)
+                fail(error)
             paths.extend((p, False) for p in found)
         elif path.is_file():
             paths.append((str(path), True))
         else:
-            _fail(f"{path} does not exist")
+            fail(f"{path} does not exist")
     return paths[:limit] if limit else paths
 
 
@@ -274,7 +271,7 @@ def plot_predictions(args):
     from keras_alexnet import plots, preprocessing
 
     if args.max < 1:
-        _fail("--max must be at least 1")
+        fail("--max must be at least 1")
     out = _check_out(args.out or "predictions.png")
     candidates = _image_files(args.images, None)
     loaded = _load_model(args.model)
@@ -287,7 +284,7 @@ def plot_predictions(args):
             image = preprocessing.decode_image(tf.io.read_file(path))
         except (tf.errors.OpError, OSError) as error:
             if named:  # a file the user named must be an image
-                _fail(f"{path} cannot be read or decoded as an image ({_tf_message(error)})")
+                fail(f"{path} cannot be read or decoded as an image ({_tf_message(error)})")
             skipped.append(path)
             continue
         images.append(_crop_for_display(image, loaded))
@@ -298,7 +295,7 @@ def plot_predictions(args):
         print(f"Skipped {len(skipped)} file(s) that could not be decoded: "
               + ", ".join(skipped[:10]), file=sys.stderr)
     if not images:
-        _fail("none of the images could be decoded")
+        fail("none of the images could be decoded")
     logits = loaded.model.predict(tf.stack(pixels), batch_size=16, verbose=0)
     probabilities = tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1).numpy()
     num_outputs = probabilities.shape[-1]
@@ -350,13 +347,13 @@ def plot_neighbours(args):
     from keras_alexnet import features, plots
 
     if args.queries < 1 or args.k < 1 or args.batch_size < 1:
-        _fail("--queries, --k and --batch-size must be at least 1")
+        fail("--queries, --k and --batch-size must be at least 1")
     if args.train_limit is not None and args.train_limit < args.k:
-        _fail(f"--train-limit must be at least --k ({args.k})")
+        fail(f"--train-limit must be at least --k ({args.k})")
     out = _check_out(args.out or "neighbours.png")
     loaded = _load_model(args.model)
     if features.find_layer(loaded.model, "fc7") is None:
-        _fail(f"the model {args.model} has no fc7 layer (it is not an AlexNet of this package)")
+        fail(f"the model {args.model} has no fc7 layer (it is not an AlexNet of this package)")
     source, data_dir = _dataset(args, loaded)
     mean = _mean(loaded, args.mean, data_dir)
     count = min(args.queries, source.num_validation)
@@ -372,7 +369,7 @@ def plot_neighbours(args):
     query_features, query_labels = features.extract(
         loaded.model, queries, "fc7", loaded.image_size, mean, loaded.resize, args.batch_size)
     if len(train_features) < args.k:
-        _fail(f"the training split has {len(train_features)} images, fewer than --k {args.k}")
+        fail(f"the training split has {len(train_features)} images, fewer than --k {args.k}")
     rows = plots.nearest(query_features, train_features, args.k)
     query_crops = _crops_at(source.validation, query_index, loaded)
     train_crops = _crops_at(train, rows.reshape(-1), loaded)
@@ -392,13 +389,13 @@ def plot_confusion(args):
     from keras_alexnet import plots
 
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
-        _fail("--batch-size and --limit must be at least 1")
+        fail("--batch-size and --limit must be at least 1")
     out = _check_out(args.out or "confusion.png")
     loaded = _load_model(args.model)
     source, data_dir = _dataset(args, loaded)
     num_outputs = int(loaded.model.output_shape[-1])
     if num_outputs != source.num_classes:
-        _fail(f"the model has {num_outputs} outputs but {source.name} has "
+        fail(f"the model has {num_outputs} outputs but {source.name} has "
               f"{source.num_classes} classes")
     mean = _mean(loaded, args.mean, data_dir)
     validation = source.validation if args.limit is None else source.validation.take(args.limit)
@@ -414,7 +411,7 @@ def plot_confusion(args):
         labels.append(y.numpy().astype(np.int64))
     labels, predictions = np.concatenate(labels), np.concatenate(predictions)
     if labels.size == 0:
-        _fail(f"the validation split of {source.name} is empty")
+        fail(f"the validation split of {source.name} is empty")
     figure = plots.confusion_matrix_figure(labels, predictions, source.display_names)
     return _write(out, plots.to_png(figure))
 
@@ -433,7 +430,7 @@ def main(argv=None):
     given = getattr(args, "model", None) or args.__dict__.get("run_dir")
     path = pathlib.Path(given).expanduser()
     if not (path.exists() or path.with_name(path.name + ".index").is_file()):  # or ckpt-N
-        _fail(f"{given} does not exist")
+        fail(f"{given} does not exist")
     return COMMANDS[args.command](args)
 
 

@@ -19,6 +19,8 @@ import os
 import pathlib
 import sys
 
+from training import HelpFormatter, fail
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from keras_alexnet.features import FEATURE_LAYERS
@@ -28,7 +30,7 @@ from keras_alexnet.training.probe import CLASSIFIERS, DEFAULT_MAX_ITER
 def build_parser():
     parser = argparse.ArgumentParser(
         description="Top-1/top-5 error of a linear classifier on frozen AlexNet features.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("model", help="a training run directory (newest checkpoint), one of its "
                                       "checkpoints/ckpt-N, a SavedModel version directory (or its "
@@ -57,17 +59,13 @@ def build_parser():
     return parser
 
 
-def _fail(message):
-    raise SystemExit(f"error: {message}")
-
-
 def main(argv=None):
     """Fits and scores the probe; returns the summary dict (errors are fractions)."""
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:
-        _fail("--batch-size must be at least 1")
+        fail("--batch-size must be at least 1")
     if not args.C > 0:
-        _fail(f"--C must be positive. Received: {args.C}")
+        fail(f"--C must be positive. Received: {args.C}")
 
     from keras_alexnet import datasets, export, features
     from keras_alexnet.training import model_source, probe
@@ -75,18 +73,18 @@ def main(argv=None):
     try:
         loaded = model_source.load_keras(args.model)
     except (FileNotFoundError, ValueError) as error:
-        _fail(error)
+        fail(error)
     if features.find_layer(loaded.model, args.layer) is None:
-        _fail(f"the model {args.model} has no {args.layer} layer (it is not an AlexNet of "
+        fail(f"the model {args.model} has no {args.layer} layer (it is not an AlexNet of "
               "this package)")
     try:
         source = datasets.load(args.dataset, data_dir=args.data_dir, manual_dir=args.manual_dir,
                                val_split=args.val_split)
         mean = probe.model_mean(loaded, args.mean, args.data_dir)
     except (FileNotFoundError, ValueError) as error:
-        _fail(error)
+        fail(error)
     if source.num_classes < 2:
-        _fail(f"{args.dataset} has {source.num_classes} class; a probe needs at least 2")
+        fail(f"{args.dataset} has {source.num_classes} class; a probe needs at least 2")
 
     def extract(split, count, name):
         print(f"Extracting {args.layer} features of {count} {name} images")
@@ -99,7 +97,7 @@ def main(argv=None):
         fitted = probe.fit(train_x, train_y, source.num_classes, args.classifier, args.C,
                            args.max_iter)
     except ValueError as error:
-        _fail(error)
+        fail(error)
     top1, topk, k = probe.top_k_errors(fitted.scores(val_x), val_y)
     train_top1, _, _ = probe.top_k_errors(fitted.scores(train_x), train_y)
     summary = {

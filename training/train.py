@@ -20,7 +20,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out
 
 
-from training import prefer_onednn
+from training import HelpFormatter, prefer_onednn
 
 if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "alexnet-train":
     prefer_onednn()
@@ -31,7 +31,7 @@ from keras_alexnet.training.config import DEFAULT_PRESET, PRESETS
 def build_parser():
     parser = argparse.ArgumentParser(
         description="Train AlexNet and export a versioned SavedModel for TensorFlow Serving.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     run = parser.add_argument_group("run")
     run.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,

@@ -14,6 +14,7 @@ probabilities ``[N, num_classes]``: `keras_predictor` for a Keras model and
 
 import csv
 import dataclasses
+import io
 import json
 import pathlib
 import time
@@ -22,7 +23,7 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
-from keras_alexnet import paper, preprocessing
+from keras_alexnet import files, paper, preprocessing
 from keras_alexnet.training import input_pipeline
 
 NUM_CROPS = 10
@@ -189,17 +190,22 @@ def predict_split(predict, validation, *, image_size=paper.IMAGE_SIZE,
 
 
 def write_per_class_csv(result, path, class_names, display_names=None):
-    """One row per class: its images and the four accuracies (empty if it has no images)."""
+    """One row per class: its images and the four accuracies (empty if it has no images).
+
+    Written atomically: an interrupted evaluation leaves the previous file, never half
+    of one.
+    """
     display_names = display_names or class_names
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     keys = list(result.correct)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["class_index", "class_name", "display_name", "images"]
-                        + [f"{key}_accuracy" for key in keys])
-        for i, name in enumerate(class_names):
-            n = int(result.counts[i])
-            accuracies = [f"{result.correct[key][i] / n:.6f}" if n else "" for key in keys]
-            writer.writerow([i, name, display_names[i], n] + accuracies)
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["class_index", "class_name", "display_name", "images"]
+                    + [f"{key}_accuracy" for key in keys])
+    for i, name in enumerate(class_names):
+        n = int(result.counts[i])
+        accuracies = [f"{result.correct[key][i] / n:.6f}" if n else "" for key in keys]
+        writer.writerow([i, name, display_names[i], n] + accuracies)
+    files.atomic_write(path, text.getvalue())
     return path
