@@ -1,7 +1,8 @@
 """Text-format configs that TF Serving reads but `tensorflow-serving-api` does not ship.
 
-`BatchingParameters` (session_bundle_config.proto) and `SSLConfig` (ssl_config.proto) are
-described here field for field so that `google.protobuf.text_format` parses the same files the
+`BatchingParameters` (session_bundle_config.proto), `SSLConfig` (ssl_config.proto) and
+`MonitoringConfig` with its `PrometheusConfig` (monitoring_config.proto) are described here
+field for field so that `google.protobuf.text_format` parses the same files the
 real server does, with the same errors for unknown fields. `ModelServerConfig` comes from the
 wheel.
 """
@@ -34,6 +35,13 @@ _FIELDS = {
         ("server_cert", 2, _F.TYPE_STRING, False),
         ("custom_ca", 3, _F.TYPE_STRING, False),
         ("client_verify", 4, _F.TYPE_BOOL, False),
+    ],
+    "PrometheusConfig": [
+        ("enable", 1, _F.TYPE_BOOL, False),
+        ("path", 2, _F.TYPE_STRING, False),
+    ],
+    "MonitoringConfig": [
+        ("prometheus_config", 1, ".tensorflow.serving.PrometheusConfig", False),
     ],
 }
 
@@ -68,6 +76,7 @@ def _build_classes():
 _CLASSES = _build_classes()
 BatchingParameters = _CLASSES["BatchingParameters"]
 SSLConfig = _CLASSES["SSLConfig"]
+MonitoringConfig = _CLASSES["MonitoringConfig"]
 
 
 class ConfigParseError(ValueError):
