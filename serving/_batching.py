@@ -15,6 +15,7 @@ import grpc
 import numpy as np
 
 from serving._errors import ServingError
+from serving._metrics import DISABLED
 
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -41,6 +42,7 @@ class BatchingOptions:
 class _Task:
     def __init__(self, feeds, size, deadline):
         self.feeds, self.size, self.deadline = feeds, size, deadline
+        self.enqueued = time.monotonic()
         self.done = threading.Event()
         self.outputs = self.error = None
 
@@ -57,10 +59,13 @@ class Batcher:
     Args:
         options: a `BatchingOptions`.
         run_signature: callable(servable, signature_name, feeds) -> outputs, run per batch.
+        metrics: a `serving._metrics.Metrics` for the batching session's metrics (input and
+            processed batch sizes, padding, queuing time, runs).
     """
 
-    def __init__(self, options, run_signature):
+    def __init__(self, options, run_signature, metrics=DISABLED):
         self.options = options
+        self.metrics = metrics
         self._run_signature = run_signature
         self._queues = defaultdict(deque)
         self._cond = threading.Condition()
@@ -86,6 +91,8 @@ class Batcher:
         if len(sizes) != 1:
             raise ServingError(_INVALID, "Batching Run() input tensors must have equal "
                                          "0th-dimension size")
+        # Before the size check, like BatchingSession::ComputeInputSize: once per input.
+        self.metrics.batch_task([array.shape[0] for array in feeds.values()])
         size = sizes.pop()
         if size > self.options.max_batch_size:
             raise ServingError(_INVALID, f"Task size {size} is larger than maximum input batch "
@@ -154,6 +161,7 @@ class Batcher:
         now = time.monotonic()
         tasks = []
         for task in batch.tasks:
+            self.metrics.batch_queued(now - task.enqueued)
             if task.deadline is not None and task.deadline <= now:
                 task.error = ServingError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                           "Deadline exceeded before the batch ran")
@@ -164,6 +172,7 @@ class Batcher:
             return
         total = sum(t.size for t in tasks)
         padded = next((s for s in self.options.allowed_batch_sizes if s >= total), total)
+        self.metrics.batch_run(padded, padded - total)
         try:
             feeds = {}
             for alias in tasks[0].feeds:

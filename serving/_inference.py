@@ -15,6 +15,9 @@ element counts summed; over `serving._tensors.DEFAULT_MAX_ELEMENTS` (256 x 227 x
 cap.
 """
 
+import functools
+import time
+
 import grpc
 import numpy as np
 import tensorflow as tf
@@ -29,6 +32,7 @@ from tensorflow_serving.apis import (
 )
 
 from serving._errors import ServingError, code_from_number
+from serving._metrics import DISABLED
 from serving._tensors import (
     DEFAULT_MAX_ELEMENTS,
     DEFAULT_MAX_STRINGS,
@@ -94,20 +98,30 @@ class Runner:
         max_request_elements: cap on the elements all of a Predict's inputs declare (None = no
             cap); see the module docstring.
         max_request_strings: cap on the DT_STRING elements they declare (None = no cap).
+        metrics: a `serving._metrics.Metrics`, told the runtime of each Predict, Classify and
+            Regress run and the examples of each MultiInference.
     """
 
     def __init__(self, batcher=None, enable_signature_method_name_check=False,
                  max_request_elements=DEFAULT_MAX_ELEMENTS,
-                 max_request_strings=DEFAULT_MAX_STRINGS):
+                 max_request_strings=DEFAULT_MAX_STRINGS, metrics=DISABLED):
         self.batcher = batcher
         self.method_check = enable_signature_method_name_check
         self.max_request_elements = max_request_elements
         self.max_request_strings = max_request_strings
+        self.metrics = metrics
 
     def run(self, servable, signature_name, feeds, deadline=None):
         if self.batcher is not None:
             return self.batcher.run(servable, signature_name, feeds, deadline)
         return run_signature(servable, signature_name, feeds)
+
+    def _timed_run(self, api, spec, servable, signature_name, feeds, deadline):
+        """`run`, recording its time as TF Serving's runtime latency once it succeeded."""
+        start = time.monotonic()
+        outputs = self.run(servable, signature_name, feeds, deadline)
+        self.metrics.runtime(spec.name, api, time.monotonic() - start)
+        return outputs
 
     # Predict.
 
@@ -129,7 +143,7 @@ class Runner:
                                 self.max_request_strings)
         output_keys = check_output_filter(signature, request.output_filter)
         feeds = check_input_dtypes(signature, decoded)
-        outputs = self.run(servable, signature_name, feeds, deadline)
+        outputs = self._timed_run("Predict", spec, servable, signature_name, feeds, deadline)
         response = predict_pb2.PredictResponse()
         for alias in output_keys:
             response.outputs[alias].CopyFrom(
@@ -173,7 +187,10 @@ class Runner:
                 _INVALID, 'Expected classification signature outputs to contain at least one '
                 f'of "classes" or "scores". Signature was: {signature}')
         examples = serialize_examples(request.input)
-        outputs = self.run(servable, signature_name, {"inputs": examples}, deadline)
+        # A MultiInference task (`_servable` given) records examples, not runtime, as upstream.
+        run = self.run if _servable is not None else functools.partial(
+            self._timed_run, "Classify", spec)
+        outputs = run(servable, signature_name, {"inputs": examples}, deadline)
         batch = len(examples)
         classes = outputs.get("classes") if has_classes else None
         scores = outputs.get("scores") if has_scores else None
@@ -222,7 +239,9 @@ class Runner:
             raise ServingError(_INVALID,
                                f"No regression outputs found in SignatureDef: {signature}")
         examples = serialize_examples(request.input)
-        values = self.run(servable, signature_name, {"inputs": examples}, deadline)["outputs"]
+        run = self.run if _servable is not None else functools.partial(
+            self._timed_run, "Regress", spec)
+        values = run(servable, signature_name, {"inputs": examples}, deadline)["outputs"]
         if values.ndim == 2 and values.shape[1] == 1:
             values = values[:, 0]
         if values.ndim != 1 or values.shape[0] != len(examples):
@@ -273,6 +292,8 @@ class Runner:
                 answer = self.regress(manager, sub, deadline, _servable=servable)
                 result.regression_result.CopyFrom(answer.result)
             result.model_spec.CopyFrom(answer.model_spec)
+        kind = request.input.WhichOneof("kind")
+        self.metrics.examples(names.pop(), len(getattr(request.input, kind).examples))
         return response
 
 

@@ -21,6 +21,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import get_model_status_pb2
 
 from serving._errors import ServingError
+from serving._metrics import DISABLED
 
 log = logging.getLogger("serving")
 
@@ -167,6 +168,7 @@ class _Model:
         self.available = {}  # version -> Servable, replaced whole on change
         self.aspired = set()  # what the last poll's policy wants loaded
         self.active = True
+        self.signature_keys = frozenset()  # of every version loaded so far (metric labels)
 
 
 class ModelManager:
@@ -182,11 +184,12 @@ class ModelManager:
         warmup: optional callable(servable) run after a load; an exception fails the load.
         reload_timeout_s: the most a `reload_config` waits for its models (a caller's own
             timeout can only shorten it).
+        metrics: a `serving._metrics.Metrics`, told of every load attempt.
     """
 
     def __init__(self, config, *, poll_wait_seconds=1.0, max_num_load_retries=5,
                  load_retry_interval_s=60.0, tags=("serve",), warmup=None,
-                 allow_labels_for_unavailable=False, reload_timeout_s=60.0):
+                 allow_labels_for_unavailable=False, reload_timeout_s=60.0, metrics=DISABLED):
         self.poll_wait_seconds = poll_wait_seconds
         self.max_num_load_retries = max_num_load_retries
         self.load_retry_interval_s = load_retry_interval_s
@@ -194,6 +197,7 @@ class ModelManager:
         self.warmup = warmup
         self.allow_labels_for_unavailable = allow_labels_for_unavailable
         self.reload_timeout_s = reload_timeout_s
+        self.metrics = metrics
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)  # a version changed state
         self._work = threading.Condition(self._lock)  # the load queue changed
@@ -528,11 +532,15 @@ class ModelManager:
             self._changed.notify_all()
         if record.attempts:
             log.info("Retrying load of servable {name: %s version: %d}", name, version)
+        servable, start = None, time.monotonic()
         try:
             servable = Servable(name, version, path, self.tags)
+            self.metrics.load(path, True, time.monotonic() - start)
             if self.warmup is not None:
                 self.warmup(servable)
         except Exception as e:
+            if servable is None:
+                self.metrics.load(path, False, time.monotonic() - start)
             code = getattr(e, "error_code", None)
             if isinstance(e, ServingError):
                 code = e.code.value[0]
@@ -558,6 +566,7 @@ class ModelManager:
                          "aspired", name, version)
             else:
                 record.servable = servable
+                model.signature_keys = model.signature_keys | set(servable.signature_defs)
                 model.available = {**model.available, version: servable}
                 record.state = State.AVAILABLE
                 log.info("Successfully loaded servable version {name: %s version: %d}", name,
@@ -604,6 +613,16 @@ class ModelManager:
         if version is not None:
             rows = [row for row in rows if row[0] == version]
         return sorted(rows, reverse=True)
+
+    def known(self, name, signature_name=None):
+        """Whether `name` is or was a configured model and, with `signature_name`, whether a
+        version of it loaded so far had that signature: the label values
+        `serving._metrics` lets clients choose. Lock-free (a dict lookup and a frozenset
+        membership), so a metric update never waits for the manager."""
+        model = self._models.get(name)  # entries are added, never removed
+        if model is None:
+            return False
+        return signature_name is None or signature_name in model.signature_keys
 
     def model_names(self):
         """Names of the models currently configured."""
