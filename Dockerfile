@@ -8,6 +8,8 @@
 #   serving (default): TensorFlow Serving with the exported versions baked in
 #     docker build --target serving -t keras-alexnet-serving .
 #     docker run -p 8500:8500 -p 8501:8501 keras-alexnet-serving
+#   Prometheus metrics: GET http://localhost:8501/monitoring/prometheus/metrics; health:
+#   `docker inspect --format '{{json .State.Health}}' <container>` (docs/deploy.md).
 #
 # tensorflow/serving is pinned to the tensorflow-serving-api version the client uses; move
 # both pins together.
@@ -42,7 +44,13 @@ FROM tensorflow/serving:2.21.0 AS serving
 # so CMD only appends flags; --model_config_file takes precedence over the name/path pair.
 RUN groupadd --system --gid 10001 serving \
     && useradd --system --uid 10001 --gid serving --no-create-home --shell /usr/sbin/nologin serving
-COPY serving/models.config serving/batching.config /config/
+COPY serving/models.config serving/batching.config serving/monitoring.config /config/
+# The image has no curl or wget: the check is a bash script (GET /v1/models/alexnet on the
+# REST port, healthy once a version is AVAILABLE). The start period covers the initial load
+# and warm-up, during which TF Serving keeps its ports closed.
+COPY --chmod=0555 deploy/healthcheck.sh /usr/local/bin/alexnet-healthcheck
+HEALTHCHECK --interval=10s --timeout=5s --start-period=300s --retries=3 \
+    CMD ["/usr/local/bin/alexnet-healthcheck"]
 # Root-owned and group-readable by the serving user (exports are 0755/0644 since issue 8;
 # older ones were 0700, which uid 10001 could not read): readable, never writable by it.
 COPY --chown=root:10001 --chmod=0750 models/alexnet /models/alexnet
@@ -52,4 +60,6 @@ USER 10001:10001
 EXPOSE 8500 8501
 CMD ["--model_config_file=/config/models.config", \
      "--enable_batching", \
-     "--batching_parameters_file=/config/batching.config"]
+     "--batching_parameters_file=/config/batching.config", \
+     "--monitoring_config_file=/config/monitoring.config", \
+     "--enable_grpc_healthcheck_service"]

@@ -317,9 +317,13 @@ def test_dockerfile_serving_and_training_targets():
     assert owner in ("root", "0") and group == user[1]
     mode = int(flags["chmod"], 8)
     assert mode & 0o040 and mode & 0o010 and not mode & 0o022  # group r-x, nobody else writes
-    copied = re.search(r"COPY (serving/\S+) (serving/\S+) /config/", serving).groups()
+    copied = re.search(r"(?m)^COPY ((?:serving/\S+ )+)/config/$", serving).group(1).split()
+    assert "serving/monitoring.config" in copied  # TF Serving's own Prometheus endpoint
     for name in copied:
         assert f"/config/{name.split('/')[-1]}" in serving
+    # The health check (tests/test_deploy.py runs the script itself).
+    assert re.search(r'(?m)^HEALTHCHECK .*\\\n\s+CMD \["/usr/local/bin/alexnet-healthcheck"\]$',
+                     serving)
     training = by_target["training"]
     assert training.startswith(f"tensorflow/tensorflow:{version.rsplit('.', 1)[0]}.0-gpu")
     assert '"training/train.py"' in training and re.search(r"(?m)^USER (?!root|0)\S+", training)
