@@ -2,7 +2,10 @@
 
 Routes, JSON tensor formats and error mapping follow `http_rest_api_handler.cc` and
 `json_tensor.cc`: `POST /v1/models/NAME[/versions/N|/labels/L]:(predict|classify|regress)`,
-`GET` of the same prefix for status and `+/metadata` for metadata, errors as `{"error": ...}`.
+`GET` of the same prefix for status and `+/metadata` for metadata, errors as `{"error": ...}`;
+other `/v1/` paths are 400 `Malformed request`, paths outside `/v1/` 404 (no handler in TF
+Serving's HTTP server). With a metrics path (`--monitoring_config_file`), GET there answers the
+Prometheus text page (`serving._metrics`), other methods 405 with `Allow: GET`.
 
 Hardening (TF Serving's libevent server has no such limits; these are this server's, each a
 keyword of `make_http_server` / `json_to_array` / `RestApi`):
@@ -63,6 +66,7 @@ from tensorflow_serving.apis import (
 
 from serving import _inference
 from serving._errors import ServingError
+from serving._metrics import DISABLED
 from serving._tensors import (
     _DTYPES,
     DEFAULT_MAX_ELEMENTS,
@@ -85,6 +89,8 @@ MAX_JSON_DEPTH = 1000  # what `json.loads` reaches before RecursionError (sys.ge
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT
 _INT_RANGES = {k: (int(np.iinfo(v[0]).min), int(np.iinfo(v[0]).max))
                for k, v in _DTYPES.items() if np.dtype(v[0]).kind in "iu"}
+_API_PATH = re.compile(r"/v1/.*", re.IGNORECASE | re.DOTALL)  # kHTTPRestApiHandlerPathRegex
+_API_NAMES = {"predict": "Predict", "classify": "Classify", "regress": "Regress"}
 _ROUTE = re.compile(
     r"/v1/models(?:/(?P<name>[^/:]+)(?:/versions/(?P<version>[^/:]+)"
     r"|/labels/(?P<label>[A-Za-z0-9_]+))?(?:/(?P<metadata>metadata)"
@@ -360,28 +366,46 @@ class RestApi:
         max_request_elements: cap on the 4-byte elements of all of a Predict's JSON inputs
             (None = no cap); default `serving._tensors.DEFAULT_MAX_ELEMENTS`.
         max_request_strings: cap on their strings; default `DEFAULT_MAX_STRINGS`.
+        metrics: a `serving._metrics.Metrics`, told of every `/v1/` request.
     """
 
     def __init__(self, manager, runner, timeout_s=30.0, max_request_elements=DEFAULT_MAX_ELEMENTS,
-                 max_request_strings=DEFAULT_MAX_STRINGS):
+                 max_request_strings=DEFAULT_MAX_STRINGS, metrics=DISABLED):
         self.manager, self.runner, self.timeout_s = manager, runner, timeout_s
         self.max_request_elements = max_request_elements
         self.max_request_strings = max_request_strings
+        self.metrics = metrics
 
     def handle(self, method, path, body):
-        """Returns (http status, JSON-able object) for one request."""
-        try:
-            return 200, self._dispatch(method, path, body)
-        except ServingError as e:
-            return http_status(e.code), {"error": e.message}
-        except RecursionError:
-            return 400, {"error": "JSON Parse error: The document is nested too deeply"}
-        except MemoryError:
-            return 429, {"error": "Out of memory while handling the request"}
-        except Exception as e:  # Never drop the connection without an answer.
-            return 500, {"error": f"{type(e).__name__}: {e}"}
+        """Returns (http status, JSON-able object) for one request.
 
-    def _dispatch(self, method, path, body):
+        Paths outside `/v1/` are 404 `Not Found: <path>`, as TF Serving's HTTP server has no
+        handler for them (and they are not counted in the metrics).
+        """
+        if not _API_PATH.fullmatch(path.split("?", 1)[0]):
+            return 404, {"error": f"Not Found: {path.split('?', 1)[0][:200]}"}
+        start, call = time.monotonic(), {"api": "", "verb": "", "model": "", "signature": ""}
+        code = grpc.StatusCode.OK
+        try:
+            answer = 200, self._dispatch(method, path, body, call)
+        except ServingError as e:
+            code, answer = e.code, (http_status(e.code), {"error": e.message})
+        except RecursionError:
+            code = _INVALID
+            answer = 400, {"error": "JSON Parse error: The document is nested too deeply"}
+        except MemoryError:
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED
+            answer = 429, {"error": "Out of memory while handling the request"}
+        except Exception as e:  # Never drop the connection without an answer.
+            code, answer = grpc.StatusCode.UNKNOWN, (500, {"error": f"{type(e).__name__}: {e}"})
+        # http_server.cc: every /v1/ request, API label = the verb ("" for GETs).
+        self.metrics.request("REST", call["api"], call["model"], call["signature"], code,
+                             time.monotonic() - start, tf_api=call["verb"])
+        return answer
+
+    def _dispatch(self, method, path, body, call):
+        """Answers one `/v1/` request; fills `call` (API, verb, model and signature names)
+        for the metrics as far as the request gets."""
         path = path.split("?", 1)[0]
         match = _ROUTE.fullmatch(path)
         verb = (match.group("verb") or "").lower() if match else ""
@@ -390,6 +414,9 @@ class RestApi:
             raise ServingError(_INVALID, f"Malformed request: {method} {path}")
         if not match.group("name"):
             raise ServingError(_INVALID, "Missing model name in request.")
+        call["model"], call["verb"] = match.group("name"), verb
+        call["api"] = _API_NAMES.get(verb) or (
+            "GetModelMetadata" if match.group("metadata") else "GetModelStatus")
         spec = model_pb2.ModelSpec(name=match.group("name"))
         if match.group("version") is not None:
             try:
@@ -409,6 +436,7 @@ class RestApi:
             raise ServingError(_INVALID, "'signature_name' key must be a string value.")
         _utf8(signature_name)
         spec.signature_name = signature_name
+        call["signature"] = signature_name or _inference.DEFAULT_SIGNATURE
         deadline = time.monotonic() + self.timeout_s
         if verb == "predict":
             return self._predict(spec, request, deadline)
@@ -641,7 +669,8 @@ class RestHTTPServer(ThreadingHTTPServer):
 
 def make_http_server(api, host, port, *, max_body_bytes=DEFAULT_MAX_BODY_BYTES,
                      read_timeout_s=DEFAULT_READ_TIMEOUT_S,
-                     close_timeout_s=DEFAULT_CLOSE_TIMEOUT_S, max_concurrent_requests=None):
+                     close_timeout_s=DEFAULT_CLOSE_TIMEOUT_S, max_concurrent_requests=None,
+                     metrics=DISABLED, metrics_path=None):
     """Returns a `RestHTTPServer` serving `api`; `serve_forever()` it in a thread.
 
     Args:
@@ -654,6 +683,8 @@ def make_http_server(api, host, port, *, max_body_bytes=DEFAULT_MAX_BODY_BYTES,
         max_concurrent_requests: how many requests are decoded and run at once (others wait,
             their bodies already read); default 4 x CPUs, as TF Serving's
             `--rest_api_num_threads`. JSON decoding holds several times the body in memory.
+        metrics, metrics_path: GET `metrics_path` answers `metrics.exposition()`, the
+            Prometheus text page (None: no page; the path is then 404 like any outside /v1/).
     """
     if max_concurrent_requests is None:
         max_concurrent_requests = 4 * (os.cpu_count() or 1)
@@ -689,12 +720,15 @@ def make_http_server(api, host, port, *, max_body_bytes=DEFAULT_MAX_BODY_BYTES,
             return super().parse_request()
 
         def _send_json(self, status, payload, close=False, headers=()):
+            self._send(status, "application/json", json.dumps(payload, indent=None).encode(
+                "utf-8"), close, headers)
+
+        def _send(self, status, content_type, data, close=False, headers=()):
             if close:
                 self.close_connection = True
-            data = json.dumps(payload, indent=None).encode("utf-8")
             self.connection.settimeout(read_timeout_s)
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
             for key, value in headers:
                 self.send_header(key, value)
@@ -770,12 +804,36 @@ def make_http_server(api, host, port, *, max_body_bytes=DEFAULT_MAX_BODY_BYTES,
                 return None
             return b"".join(chunks)
 
+        def _is_metrics_page(self):
+            return metrics_path is not None and self.path.split("?", 1)[0] == metrics_path
+
+        def _metrics_page(self, method):
+            """The Prometheus page, outside the request semaphore so that scrapes still
+            answer while inference requests fill it (and while models load)."""
+            if method != "GET":
+                self._not_allowed()
+                return
+            self.state.busy = True
+            try:
+                try:
+                    content_type, data = metrics.exposition()
+                except Exception as e:
+                    log.warning("Rendering the metrics page failed", exc_info=True)
+                    self._send_json(500, {"error": f"{type(e).__name__}: {e}"})
+                    return
+                self._send(200, content_type, data)
+            finally:
+                self.state.busy = False
+
         def _answer(self, method):
             length = self._content_length()
             if length is None:
                 return
             data = self._read_body(length) if length else b""
             if data is None:
+                return
+            if self._is_metrics_page():
+                self._metrics_page(method)
                 return
             while not running.acquire(timeout=0.1):
                 if self.server.closing:
@@ -801,9 +859,10 @@ def make_http_server(api, host, port, *, max_body_bytes=DEFAULT_MAX_BODY_BYTES,
             self._answer("POST")
 
         def _not_allowed(self):
+            allow = "GET" if self._is_metrics_page() else "GET, POST"
             self._send_json(405, {"error": f"Malformed request: {self.command} "
                                            f"{self.path.split('?', 1)[0][:200]}"},
-                            close=True, headers=[("Allow", "GET, POST")])
+                            close=True, headers=[("Allow", allow)])
 
         def __getattr__(self, name):
             if name.startswith("do_"):  # PUT, DELETE, PATCH, HEAD, OPTIONS, anything else

@@ -10,10 +10,11 @@ codes and messages of TF Serving 2.21 (see docs/serving.md), so one client works
 
 Departures from TF Serving: the port opens after the initial load, as upstream, but while no
 version exists yet the server polls every `--file_system_poll_wait_seconds` (at least 1 s)
-even if that flag is 0; no profiler, Prometheus endpoint, ALTS or request logging. It listens
-on 127.0.0.1 unless `--bind_address` says otherwise (TF Serving: all interfaces), a reload
-waits at most `--reload_config_timeout_seconds`, and SIGTERM drains for at most
-`--shutdown_grace_seconds`, then closes what is left and exits 0.
+even if that flag is 0; no profiler, ALTS or request logging. It listens on 127.0.0.1 unless
+`--bind_address` says otherwise (TF Serving: all interfaces), a reload waits at most
+`--reload_config_timeout_seconds`, and SIGTERM drains for at most `--shutdown_grace_seconds`,
+then closes what is left and exits 0. Prometheus metrics (`--monitoring_config_file`, TF
+Serving's names, see `serving._metrics`) are served on the REST port.
 """
 
 import argparse
@@ -35,7 +36,7 @@ from tensorflow_serving.apis import (
 )
 from tensorflow_serving.config import model_server_config_pb2
 
-from serving import _inference, _textproto
+from serving import _inference, _metrics, _textproto
 from serving._batching import Batcher, BatchingOptions
 from serving._errors import ServingError
 from serving._manager import ModelManager, validate_config
@@ -55,38 +56,71 @@ def _deadline(context):
     return None if remaining is None else time.monotonic() + remaining
 
 
-def _handler(method):
-    """Wraps a servicer method: `ServingError` -> gRPC status, deadline checked after run."""
+def _request_spec(request):
+    """The `ModelSpec` a request names (a MultiInference's first task's)."""
+    if hasattr(request, "tasks"):
+        return request.tasks[0].model_spec if request.tasks else None
+    return request.model_spec
+
+
+def _handler(method, counted=False):
+    """Wraps a servicer method: `ServingError` -> gRPC status, deadline checked after run;
+    the outcome goes to `self.metrics` (`counted`: also to TF Serving's own request metrics,
+    which count only Predict, Classify and Regress over gRPC, prediction_service_impl.cc)."""
+    api = method.__name__
 
     def wrapped(self, request, context):
+        start, code = time.monotonic(), grpc.StatusCode.UNKNOWN
         try:
-            response = method(self, request, context)
-        except ServingError as e:
-            context.abort(e.code, e.message)
-        remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
-        return response
+            try:
+                response = method(self, request, context)
+            except ServingError as e:
+                code = e.code
+                context.abort(e.code, e.message)
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                code = grpc.StatusCode.DEADLINE_EXCEEDED
+                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+            code = grpc.StatusCode.OK
+            return response
+        finally:
+            if self.metrics.enabled:
+                _record(self.metrics, api, counted, request, code, time.monotonic() - start)
 
     wrapped.__name__, wrapped.__doc__ = method.__name__, method.__doc__
     return wrapped
 
 
+def _record(metrics, api, counted, request, code, seconds):
+    try:
+        spec = _request_spec(request)
+        signature = (spec.signature_name or _inference.DEFAULT_SIGNATURE) if (
+            counted and spec is not None) else ""
+        metrics.request("GRPC", api, spec.name if spec is not None else "", signature, code,
+                        seconds, tf_api=api if counted else None)
+    except Exception:  # A metric must never fail the request.
+        log.debug("Recording %s failed", api, exc_info=True)
+
+
+def _counted(method):
+    return _handler(method, counted=True)
+
+
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     """`tensorflow.serving.PredictionService` over a `ModelManager`."""
 
-    def __init__(self, manager, runner):
-        self.manager, self.runner = manager, runner
+    def __init__(self, manager, runner, metrics=_metrics.DISABLED):
+        self.manager, self.runner, self.metrics = manager, runner, metrics
 
-    @_handler
+    @_counted
     def Predict(self, request, context):
         return self.runner.predict(self.manager, request, _deadline(context))
 
-    @_handler
+    @_counted
     def Classify(self, request, context):
         return self.runner.classify(self.manager, request, _deadline(context))
 
-    @_handler
+    @_counted
     def Regress(self, request, context):
         return self.runner.regress(self.manager, request, _deadline(context))
 
@@ -102,8 +136,8 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
     """`tensorflow.serving.ModelService` over a `ModelManager`."""
 
-    def __init__(self, manager):
-        self.manager = manager
+    def __init__(self, manager, metrics=_metrics.DISABLED):
+        self.manager, self.metrics = manager, metrics
 
     @_handler
     def GetModelStatus(self, request, context):
@@ -125,48 +159,65 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
         return response
 
 
-def make_warmup(runner, iterations=1):
+def make_warmup(runner, iterations=1, metrics=_metrics.DISABLED):
     """Returns a load hook replaying `assets.extra/tf_serving_warmup_requests` (a TFRecord of
-    `PredictionLog`s, at most 1000); any failure fails the load, as in TF Serving."""
-    import tensorflow as tf
+    `PredictionLog`s, at most 1000); any failure fails the load, as in TF Serving. Each replay
+    of a file goes to `metrics.warmup` (time, records replayed, final status)."""
 
     def warmup(servable):
         path = os.path.join(servable.path, WARMUP_FILE)
         if not os.path.exists(path):
             log.info("No warmup data file found at %s", path)
             return
-        records = []
+        start, replayed, code = time.monotonic(), 0, grpc.StatusCode.UNKNOWN
         try:
-            for record in tf.data.TFRecordDataset(path):
-                records.append(record.numpy())
-                if len(records) > MAX_WARMUP_RECORDS:
-                    raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
-                                       f"Number of warmup records exceeds the maximum "
-                                       f"({MAX_WARMUP_RECORDS}) at {path}")
-        except tf.errors.DataLossError as e:
-            detail = re.sub(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:.*$", "", e.message)
-            raise ServingError(grpc.StatusCode.DATA_LOSS,
-                               f"Data loss: {detail} at {path}. Please verify your warmup data "
-                               "is in TFRecord format.") from None
-        pinned = _inference.Pinned(servable)
-        for record in records:
-            try:
-                entry = prediction_log_pb2.PredictionLog.FromString(record)
-            except Exception:
-                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
-                                   "Failed to parse warmup record") from None
-            kind = entry.WhichOneof("log_type")
-            call = {"predict_log": runner.predict, "classify_log": runner.classify,
-                    "regress_log": runner.regress,
-                    "multi_inference_log": runner.multi_inference}.get(kind)
-            if call is None:
-                raise ServingError(grpc.StatusCode.UNIMPLEMENTED,
-                                   "Unsupported log_type for warmup")
-            request = getattr(entry, kind).request
-            for _ in range(max(iterations, 1)):
-                call(pinned, request)
+            for _ in _replay(runner, iterations, servable, path):
+                replayed += 1
+            code = grpc.StatusCode.OK
+        except ServingError as e:
+            code = e.code
+            raise
+        finally:
+            metrics.warmup(servable.path, code, time.monotonic() - start, replayed)
 
     return warmup
+
+
+def _replay(runner, iterations, servable, path):
+    """Replays the warm-up file at `path`, yielding after each record."""
+    import tensorflow as tf
+
+    records = []
+    try:
+        for record in tf.data.TFRecordDataset(path):
+            records.append(record.numpy())
+            if len(records) > MAX_WARMUP_RECORDS:
+                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"Number of warmup records exceeds the maximum "
+                                   f"({MAX_WARMUP_RECORDS}) at {path}")
+    except tf.errors.DataLossError as e:
+        detail = re.sub(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:.*$", "", e.message)
+        raise ServingError(grpc.StatusCode.DATA_LOSS,
+                           f"Data loss: {detail} at {path}. Please verify your warmup data "
+                           "is in TFRecord format.") from None
+    pinned = _inference.Pinned(servable)
+    for record in records:
+        try:
+            entry = prediction_log_pb2.PredictionLog.FromString(record)
+        except Exception:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                               "Failed to parse warmup record") from None
+        kind = entry.WhichOneof("log_type")
+        call = {"predict_log": runner.predict, "classify_log": runner.classify,
+                "regress_log": runner.regress,
+                "multi_inference_log": runner.multi_inference}.get(kind)
+        if call is None:
+            raise ServingError(grpc.StatusCode.UNIMPLEMENTED,
+                               "Unsupported log_type for warmup")
+        request = getattr(entry, kind).request
+        for _ in range(max(iterations, 1)):
+            call(pinned, request)
+        yield
 
 
 def parse_channel_arguments(text):
@@ -219,17 +270,20 @@ class ModelServer:
         self.args = args
         config = build_config(args)
         validate_config(config)
+        self.metrics, self.metrics_path = _metrics.DISABLED, self._metrics_path(args)
+        if self.metrics_path is not None:
+            self.metrics = _metrics.PrometheusMetrics(batching=args.enable_batching)
         self.batcher = None
         self.runner = _inference.Runner(
             enable_signature_method_name_check=args.enable_signature_method_name_check,
             max_request_elements=args.max_request_elements,
-            max_request_strings=args.max_request_strings)
+            max_request_strings=args.max_request_strings, metrics=self.metrics)
         if args.enable_batching:
             params = (_textproto.parse_file(args.batching_parameters_file,
                                             _textproto.BatchingParameters)
                       if args.batching_parameters_file else None)
             self.batcher = Batcher(BatchingOptions(params, os.cpu_count() or 1),
-                                   _inference.run_signature)
+                                   _inference.run_signature, metrics=self.metrics)
             self.runner.batcher = self.batcher
         self.manager = ModelManager(
             config,
@@ -237,17 +291,37 @@ class ModelServer:
             max_num_load_retries=args.max_num_load_retries,
             load_retry_interval_s=args.load_retry_interval_micros / 1e6,
             tags=args.saved_model_tags.split(","),
-            warmup=(make_warmup(self._warmup_runner(), args.num_request_iterations_for_warmup)
-                    if args.enable_model_warmup else None),
+            warmup=(make_warmup(self._warmup_runner(), args.num_request_iterations_for_warmup,
+                                self.metrics) if args.enable_model_warmup else None),
             allow_labels_for_unavailable=args.allow_version_labels_for_unavailable_models,
             reload_timeout_s=args.reload_config_timeout_seconds,
+            metrics=self.metrics,
         )
+        if self.metrics.enabled:
+            self.metrics.models = self.manager  # bounds the model and signature labels
         self.ssl_config = (_textproto.parse_file(args.ssl_config_file, _textproto.SSLConfig)
                            if args.ssl_config_file else None)
         self.grpc_server = self.http_server = self._http_thread = None
         self.addresses = []  # what the listeners really bound, as logged
         self._config_thread = None
         self._stopped = threading.Event()
+
+    @staticmethod
+    def _metrics_path(args):
+        """The Prometheus path `--monitoring_config_file` enables on the REST port, or None.
+
+        The file is parsed even without `--rest_api_port` (TF Serving then ignores it), so a
+        bad one is refused at once; without a REST port a warning says nothing is exported.
+        """
+        if not args.monitoring_config_file:
+            return None
+        config = _textproto.parse_file(args.monitoring_config_file, _textproto.MonitoringConfig)
+        path = _metrics.prometheus_path(config)
+        if path is not None and not args.rest_api_port:
+            log.warning("--monitoring_config_file enables Prometheus metrics, which are served "
+                        "on the REST port only: set --rest_api_port to export them")
+            return None
+        return path
 
     def _warmup_runner(self):
         """The runner of warm-up replays: this server's batcher and method check, without
@@ -257,7 +331,7 @@ class ModelServer:
         loading."""
         runner = _inference.Runner(
             enable_signature_method_name_check=self.runner.method_check,
-            max_request_elements=None, max_request_strings=None)
+            max_request_elements=None, max_request_strings=None, metrics=self.metrics)
         runner.batcher = self.runner.batcher
         return runner
 
@@ -272,9 +346,9 @@ class ModelServer:
         self.grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
                                        options=options)
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-            PredictionServicer(self.manager, self.runner), self.grpc_server)
+            PredictionServicer(self.manager, self.runner, self.metrics), self.grpc_server)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(
-            ModelServicer(self.manager), self.grpc_server)
+            ModelServicer(self.manager, self.metrics), self.grpc_server)
         if args.enable_grpc_healthcheck_service:
             from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -317,18 +391,22 @@ class ModelServer:
 
             api = RestApi(self.manager, self.runner, args.rest_api_timeout_in_ms / 1000,
                           max_request_elements=args.max_request_elements,
-                          max_request_strings=args.max_request_strings)
+                          max_request_strings=args.max_request_strings, metrics=self.metrics)
             # Daemon handler threads; server_close() closes idle and half-read connections.
             self.http_server = make_http_server(
                 api, args.bind_address, args.rest_api_port,
                 max_body_bytes=args.rest_api_max_body_bytes or None,
-                max_concurrent_requests=args.rest_api_num_threads or None)
+                max_concurrent_requests=args.rest_api_num_threads or None,
+                metrics=self.metrics, metrics_path=self.metrics_path)
             self._http_thread = threading.Thread(target=self.http_server.serve_forever,
                                                  name="rest", daemon=True)
             self._http_thread.start()
             host, port = self.http_server.server_address[:2]
             rest_address = _host_port(host, port)
             log.info("Exporting HTTP/REST API at:%s ...", rest_address)
+            if self.metrics_path is not None:
+                log.info("Exporting Prometheus metrics at http://%s%s", rest_address,
+                         self.metrics_path)
             self.addresses.append(f"http://{rest_address}")
         if args.model_config_file and args.model_config_file_poll_wait_seconds > 0:
             self._config_thread = threading.Thread(target=self._poll_config, daemon=True)
@@ -422,6 +500,8 @@ def build_parser():
     flag("--enable_model_warmup", True, bool)
     flag("--num_request_iterations_for_warmup", 0, int)
     flag("--ssl_config_file", "", str, "text SSLConfig with PEM contents")
+    flag("--monitoring_config_file", "", str,
+         "text MonitoringConfig: Prometheus metrics on the REST port")
     flag("--enable_signature_method_name_check", False, bool)
     flag("--enable_grpc_healthcheck_service", False, bool)
     flag("--allow_version_labels_for_unavailable_models", False, bool)
