@@ -281,7 +281,7 @@ def _verify(function, content, runner, size):
 def _check_target(path, format, overwrite):
     path = pathlib.Path(path)
     if path.suffix != SUFFIXES[format]:
-        raise ValueError(f"A {format} file's name must end with {SUFFIXES[format]}. "
+        raise ValueError(f"The {format} file's name must end with {SUFFIXES[format]}. "
                          f"Received: {path}")
     if path.is_dir():
         raise ValueError(f"{path} is a folder; name the {SUFFIXES[format]} file to write.")
