@@ -5,11 +5,14 @@ vendored subset of KServe's CRD schema, yamllint, the facts that several files m
 on (ports, image pins, flags, configs, names), the TF_CONFIG each training worker builds,
 and deploy/healthcheck.sh against the embedded server and against TF Serving's answers."""
 
+import ast
 import importlib.util
 import json
 import os
 import re
 import subprocess
+import sys
+import textwrap
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,6 +26,7 @@ from kubernetes_validate.utils import latest_version
 
 DEPLOY = REPO / "deploy"
 HEALTHCHECK = DEPLOY / "healthcheck.sh"
+DOCS = REPO / "docs" / "deploy.md"
 # The oldest release the manifests target (every field used is GA there, and every
 # kubernetes-validate allowed by setup.cfg ships it) and the newest the installed one ships.
 KUBERNETES_VERSIONS = sorted({"1.30.0", latest_version()})
@@ -123,6 +127,14 @@ def test_builtin_manifests_validate_against_the_kubernetes_schemas(version):
                 pytest.fail(f"{path}: {'.'.join(map(str, e.path))}: {e.message}")
             checked.add(doc["kind"])
     assert checked == BUILTIN_KINDS
+
+
+def test_the_pages_manifest_examples_validate_too():
+    blocks = [yaml.safe_load(textwrap.dedent(b)) for b in
+              re.findall(r"(?ms)^ *```yaml\n(.*?)^ *```$", DOCS.read_text())]
+    assert blocks and all(b["kind"] in BUILTIN_KINDS | {"Pod"} for b in blocks)
+    for block in blocks:
+        kubernetes_validate.validate(block, "1.30.0", strict=True)
 
 
 def test_strict_schemas_refuse_a_misspelt_field():
@@ -373,7 +385,7 @@ def _run_worker_script(index, tmp_path, workers=None):
 
 
 def test_each_worker_builds_a_valid_tf_config(tmp_path, monkeypatch):
-    from tensorflow.python.distribute.cluster_resolver import TFConfigClusterResolver
+    import tensorflow as tf
 
     from keras_alexnet.training.distribute import is_chief
 
@@ -404,7 +416,7 @@ def test_each_worker_builds_a_valid_tf_config(tmp_path, monkeypatch):
                           "task": {"type": "worker", "index": index}}
         assert argv == ["training/train.py", *container["args"]]
         monkeypatch.setenv("TF_CONFIG", tf_config)
-        resolver = TFConfigClusterResolver()
+        resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
         assert resolver.cluster_spec().as_dict() == {"worker": expected}
         assert (resolver.task_type, resolver.task_id) == ("worker", index)
         assert is_chief(parsed) is (index == 0)
@@ -463,6 +475,16 @@ def test_healthcheck_follows_the_model_state_of_the_embedded_server(models, tmp_
         unknown = _healthcheck("resnet", port)
         assert unknown.returncode == 1 and "answered 404" in unknown.stdout
         assert "resnet" in unknown.stdout
+        # docs/deploy.md's rollout check, for 3 s: calls answered, none failed.
+        client = re.search(r"(?ms)python - alexnet-serving:8500 300 <<'EOF'\n(.*?)^EOF$",
+                           DOCS.read_text())[1]
+        check = subprocess.run([sys.executable, "-", server.address, "3"], input=client,
+                               capture_output=True, text=True, timeout=300, cwd=REPO,
+                               env=dict(os.environ, PYTHONPATH=str(REPO),
+                                        CUDA_VISIBLE_DEVICES="-1"))
+        assert check.returncode == 0, check.stderr[-2000:]
+        report = ast.literal_eval(check.stdout.strip().splitlines()[-1])  # the dict it prints
+        assert report["ok"] > 0 and report["failed"] == 0 and report["versions"] == [1]
         # The only version goes away: it unloads (state END), and the check fails.
         os.rename(models / "1", tmp_path / "gone")
         try:
