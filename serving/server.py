@@ -48,7 +48,11 @@ log = logging.getLogger("serving")
 VERSION = "2.21.0"
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 MAX_WARMUP_RECORDS = 1000
-_SERVICES = ("tensorflow.serving.ModelService", "tensorflow.serving.PredictionService")
+# The gRPC health service's names: TF Serving registers the bare service names
+# (model_servers/server.cc: "ModelService", "PredictionService"); the fully qualified
+# ones are answered too, for probes written against the proto's service names.
+_SERVICES = ("ModelService", "PredictionService",
+             "tensorflow.serving.ModelService", "tensorflow.serving.PredictionService")
 
 
 def _deadline(context):

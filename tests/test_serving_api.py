@@ -549,9 +549,13 @@ def test_health_service(channel):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     health = health_pb2_grpc.HealthStub(channel)
-    for service in ("", "tensorflow.serving.PredictionService"):
+    for service in ("", "ModelService", "PredictionService",
+                    "tensorflow.serving.PredictionService"):
         answer = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
         assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(grpc.RpcError) as info:  # the health service's answer for others
+        health.Check(health_pb2.HealthCheckRequest(service="NoSuchService"), timeout=10)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_cli_table_and_json(server, capsys):
