@@ -22,7 +22,8 @@ RUN groupadd --gid 10001 alexnet \
     && useradd --uid 10001 --gid alexnet --create-home --shell /bin/bash alexnet
 WORKDIR /opt/keras-alexnet
 # The dependencies are installed from setup.cfg alone, before the sources are copied, so
-# a code edit rebuilds only the last two layers and not the dependency layer.
+# a code edit rebuilds only the layers from the first source COPY on; the dependency
+# layer is rebuilt only when pyproject.toml, setup.cfg or README.md change.
 COPY pyproject.toml setup.cfg README.md ./
 RUN python -c "import configparser; c = configparser.ConfigParser(); c.read('setup.cfg'); \
 print(c['options']['install_requires'].strip())" > /tmp/requirements.txt \
