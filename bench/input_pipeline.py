@@ -103,16 +103,28 @@ def main(argv=None):
     results = []
     for stage in args.stage:
         for cores in args.cores:
-            command = [sys.executable, __file__, "--child", "--folder", args.folder,
-                       "--cores", str(cores), "--seconds", str(args.seconds),
-                       "--batch-size", str(args.batch_size), "--max-side", str(args.max_side),
-                       "--stage", stage]
-            env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-            out = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
-            line = out.stdout.strip().splitlines()[-1]
-            print(line, flush=True)
-            results.append(json.loads(line))
+            result = run_child(args.folder, cores, args.seconds, args.batch_size,
+                               args.max_side, stage)
+            print(json.dumps(result), flush=True)
+            results.append(result)
     return results
+
+
+def run_child(folder, cores, seconds, batch_size, max_side, stage, env=None, timeout=None):
+    """`measure` in a fresh process pinned to ``cores`` CPUs; returns its result dict.
+
+    ``env`` is the child's environment (default: this process's). Raises
+    RuntimeError with the child's last output lines when it fails.
+    """
+    command = [sys.executable, __file__, "--child", "--folder", str(folder),
+               "--cores", str(cores), "--seconds", str(seconds),
+               "--batch-size", str(batch_size), "--max-side", str(max_side), "--stage", stage]
+    env = dict(os.environ if env is None else env, TF_CPP_MIN_LOG_LEVEL="3")
+    out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(f"input pipeline child failed ({out.returncode}): "
+                           + " | ".join(out.stderr.strip().splitlines()[-3:])[-500:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":

@@ -58,6 +58,97 @@ def rss_mb(pid):
     return 0.0
 
 
+class Server:
+    """``python -m serving.server`` on 127.0.0.1 over ``base`` (model ``alexnet``), its
+    output in ``<workdir>/server-<port>.log``; ``rest=True`` opens a REST port too.
+
+    ``env`` (default: this process's) is the server's environment, with TensorFlow's
+    logs quietened and no GPU.
+    """
+
+    def __init__(self, base, workdir, *flags, rest=False, env=None, model_name="alexnet"):
+        self.port, self.rest_port = free_port(), free_port() if rest else 0
+        self.address, self.model_name = f"127.0.0.1:{self.port}", model_name
+        self.log_path = pathlib.Path(workdir) / f"server-{self.port}.log"
+        self.flags = [f"--port={self.port}", f"--rest_api_port={self.rest_port}",
+                      "--bind_address=127.0.0.1", f"--model_name={model_name}",
+                      f"--model_base_path={base}", *flags]
+        self.env = dict(os.environ if env is None else env, CUDA_VISIBLE_DEVICES="-1")
+        self.env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        self.process = None
+
+    def start(self):
+        self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "serving.server", *self.flags], cwd=REPO, env=self.env,
+            stdout=self._log, stderr=subprocess.STDOUT)
+        self.started = time.monotonic()
+        return self
+
+    def log(self):
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+    def _check_running(self, what):
+        if self.process.poll() is not None:
+            raise RuntimeError(f"server exited ({self.process.returncode}) {what}:\n{self.log()}")
+
+    def wait_until_answering(self, request, timeout=120):
+        """Sends ``request`` until it succeeds (bounded); raises RuntimeError otherwise."""
+        import grpc
+        from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(self.address) as channel:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            while True:
+                try:
+                    return stub.Predict(request, timeout=10)
+                except grpc.RpcError:
+                    self._check_running("before answering")
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"server not ready:\n{self.log()}") from None
+                    time.sleep(0.5)
+
+    def wait_until_available(self, timeout=300, poll=0.05):
+        """Polls GetModelStatus (no Predict: the first request is the caller's) until a
+        version is AVAILABLE; returns the seconds since `start`."""
+        import grpc
+        from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
+
+        request = get_model_status_pb2.GetModelStatusRequest()
+        request.model_spec.name = self.model_name
+        available = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(self.address) as channel:
+            stub = model_service_pb2_grpc.ModelServiceStub(channel)
+            while time.monotonic() < deadline:
+                try:
+                    status = stub.GetModelStatus(request, timeout=5)
+                    if any(v.state == available for v in status.model_version_status):
+                        return time.monotonic() - self.started
+                except grpc.RpcError:
+                    pass
+                self._check_running("before its model was AVAILABLE")
+                time.sleep(poll)
+        raise RuntimeError(f"no version AVAILABLE within {timeout} s:\n{self.log()}")
+
+    def terminate(self, timeout=60):
+        """SIGTERM, then waits; returns the exit code, or a note when it had to be killed."""
+        if self.process is None:
+            return None
+        code = self.process.poll()
+        if code is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                code = self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+                code = f"killed after {timeout} s"
+        self._log.close()
+        return code
+
+
 def export_tiny(base, seed):
     import keras_alexnet
     from keras_alexnet.export import export_saved_model
@@ -151,16 +242,10 @@ def main(argv=None):
     work = pathlib.Path(tempfile.mkdtemp(prefix="alexnet-load-"))
     base = work / "models" / "alexnet"
     export_tiny(base, seed=0)
-    port = free_port()
-    log = open(work / "server.log", "wb")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "serving.server", f"--port={port}", "--bind_address=127.0.0.1",
-         "--model_name=alexnet", f"--model_base_path={base}",
-         "--file_system_poll_wait_seconds=1", "--max_num_load_retries=2",
-         "--load_retry_interval_micros=2000000", "--shutdown_grace_seconds=10"],
-        cwd=REPO, env=dict(os.environ, CUDA_VISIBLE_DEVICES="-1"), stdout=log,
-        stderr=subprocess.STDOUT)
-    address = f"127.0.0.1:{port}"
+    server = Server(base, work, "--file_system_poll_wait_seconds=1",
+                    "--max_num_load_retries=2", "--load_retry_interval_micros=2000000",
+                    "--shutdown_grace_seconds=10").start()
+    address = server.address
     child = subprocess.Popen(
         [sys.executable, __file__, "--exporter", str(base), str(args.seconds),
          str(args.export_every), str(int(args.copy))],
@@ -171,21 +256,16 @@ def main(argv=None):
 
     channel = grpc.insecure_channel(address)
     stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-    deadline = time.monotonic() + 120
-    while True:  # ready once the model answers
-        try:
-            stub.Predict(request, timeout=10)
-            break
-        except grpc.RpcError:
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise SystemExit(f"server not ready:\n{(work / 'server.log').read_text()}")
-            time.sleep(0.5)
+    try:
+        server.wait_until_answering(request)
+    except RuntimeError as error:
+        raise SystemExit(str(error)) from None
 
     stop = threading.Event()
     sigterm_at = [None]
     lock = threading.Lock()
     latencies, failures, after_sigterm, served = [], [], [], set()
-    peak_rss = [rss_mb(server.pid)]
+    peak_rss = [rss_mb(server.process.pid)]
 
     def client():
         with grpc.insecure_channel(address) as ch:
@@ -205,8 +285,8 @@ def main(argv=None):
                         return
 
     def watch_rss():
-        while not stop.is_set() and server.poll() is None:
-            peak_rss[0] = max(peak_rss[0], rss_mb(server.pid))
+        while not stop.is_set() and server.process.poll() is None:
+            peak_rss[0] = max(peak_rss[0], rss_mb(server.process.pid))
             time.sleep(0.5)
 
     threads = [threading.Thread(target=client, daemon=True) for _ in range(args.clients)]
@@ -240,18 +320,12 @@ def main(argv=None):
     newest_after_s = round(time.monotonic() - waited, 2)
 
     sigterm_at[0] = time.monotonic()
-    server.send_signal(signal.SIGTERM)
-    try:
-        code = server.wait(60)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        code = "killed after 60 s"
+    code = server.terminate(60)
     shutdown_s = time.monotonic() - sigterm_at[0]
     stop.set()
     for t in threads:
         t.join(10)
     channel.close()
-    log.close()
 
     result = {
         "clients": args.clients, "seconds": args.seconds, "batch": args.batch,

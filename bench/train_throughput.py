@@ -17,15 +17,19 @@ import argparse
 import dataclasses
 import json
 import os
+import pathlib
 import platform
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if not __package__:  # run as a script: the repository root, for `bench.inputs`
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import keras
-import numpy as np
 import tensorflow as tf
 
+from bench.inputs import training_batch
 from keras_alexnet.training import loop
 from keras_alexnet.training.config import PRESETS
 
@@ -38,26 +42,43 @@ def device_name():
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
-def measure(config, batch, warmup, steps, num_classes=1000):
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(batch, config.image_size, config.image_size, 3)).astype("float32")
-    y = rng.integers(0, num_classes, size=batch)
-    batch_data = (tf.constant(x), tf.constant(y))
-    strategy = tf.distribute.get_strategy()
+def build_step(config, global_batch, num_classes=1000, strategy=None, tower_devices=None):
+    """A zero-argument callable running one training step of the loop's own step
+    (`loop.make_train_step`) on one random batch, repeated; it returns the summed
+    ``[loss, top1, top5, count]`` as a NumPy array (so the step has finished).
+
+    ``global_batch`` is split over ``strategy``'s replicas (default: one device);
+    ``tower_devices`` places the towers (the ``towers`` strategy).
+    """
+    strategy = strategy or tf.distribute.get_strategy()
+    x, y = training_batch(global_batch, config.image_size, num_classes)
+    data = tf.data.Dataset.from_tensors((tf.constant(x), tf.constant(y))).repeat()
+    batches = iter(strategy.experimental_distribute_dataset(data))
     with loop.precision_policy(config.mixed_precision):
-        model = loop.build_model(config, num_classes)
-        optimizer = loop.build_optimizer(config)
-        optimizer.build(model.trainable_variables)
-        step = loop.make_train_step(model, optimizer, strategy, batch, config.jit_compile)
-        for _ in range(warmup):  # trace and compile
-            sums = step(batch_data)
-        sums.numpy()
-        start = time.perf_counter()
-        for _ in range(steps):
-            sums = step(batch_data)
-        loss = float(sums.numpy()[0] / batch)  # waits for the last step
-        seconds = time.perf_counter() - start
-    return batch * steps / seconds, loss
+        with strategy.scope():
+            model = loop.build_model(config, num_classes, tower_devices)
+            optimizer = loop.build_optimizer(config)
+            optimizer.build(model.trainable_variables)
+        step = loop.make_train_step(model, optimizer, strategy, global_batch, config.jit_compile)
+
+    def run():
+        with loop.precision_policy(config.mixed_precision):  # traced under the policy too
+            return step(next(batches)).numpy()
+
+    run.model = model
+    return run
+
+
+def measure(config, batch, warmup, steps, num_classes=1000):
+    """``(images/s, final loss)`` of `build_step` on one device."""
+    step = build_step(config, batch, num_classes)
+    for _ in range(warmup):  # trace and compile
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        sums = step()
+    seconds = time.perf_counter() - start
+    return batch * steps / seconds, float(sums[0] / batch)
 
 
 def main(argv=None):
