@@ -29,7 +29,7 @@ import pathlib
 import sys
 import tempfile
 
-from training import fail, read_labels
+from training import HelpFormatter, fail, read_labels
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -40,7 +40,7 @@ def build_parser():
     parser = argparse.ArgumentParser(
         description="Export an AlexNet as a TF Serving SavedModel version, or as an ONNX or "
                     "LiteRT file that takes preprocessed pixels.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("model", help="a training run directory (newest checkpoint), one of its "
                                       "checkpoints/ckpt-N, a SavedModel version directory (or its "
