@@ -26,3 +26,13 @@ def run_script(script, *args, timeout=300, onednn=None):
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT")][-1]
     return json.loads(line[len("RESULT"):])
+
+
+def own_onednn():
+    """This process's oneDNN setting (``"0"``/``"1"``), or ``None`` when TensorFlow does not
+    say; a test comparing under a setting can then reuse this process for its own."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+    except ImportError:
+        return None
+    return "1" if _pywrap_util_port.IsMklEnabled() else "0"

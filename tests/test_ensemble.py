@@ -17,7 +17,7 @@ import textwrap
 import numpy as np
 import pytest
 import tensorflow as tf
-from _subprocess import ONEDNN_SETTINGS, run_script
+from _subprocess import ONEDNN_SETTINGS, own_onednn, run_script
 
 from keras_alexnet import alexnet, ensemble, export, files, preprocessing
 from keras_alexnet.training import model_source
@@ -132,20 +132,11 @@ EQUALITY_SCRIPT = textwrap.dedent(inspect.getsource(compare_with_members)) + tex
 """)
 
 
-def _own_onednn():
-    """This process's oneDNN setting ("0"/"1"), or None when TensorFlow does not say."""
-    try:
-        from tensorflow.python.util import _pywrap_util_port
-    except ImportError:
-        return None
-    return "1" if _pywrap_util_port.IsMklEnabled() else "0"
-
-
 @pytest.mark.parametrize("onednn", ONEDNN_SETTINGS, ids=lambda v: f"onednn{v}")
 def test_probabilities_equal_the_mean_of_the_members_exports(onednn, ensemble_export,
                                                              member_exports, photos,
                                                              tmp_path):
-    if _own_onednn() == onednn:  # this process's kernels: no second TensorFlow start
+    if own_onednn() == onednn:  # this process's kernels: no second TensorFlow start
         out = {**compare_with_members(photos[1], ensemble_export, member_exports, _load),
                "onednn": onednn}
     else:

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
-from _subprocess import ONEDNN_SETTINGS, run_script
+from _subprocess import ONEDNN_SETTINGS, own_onednn, run_script
 from ai_edge_litert.interpreter import Interpreter
 
 from keras_alexnet import alexnet, ensemble, export, paper, portable, preprocessing
@@ -129,14 +129,6 @@ REFERENCE_SCRIPT = textwrap.dedent(inspect.getsource(serving_pixels_outputs)) + 
 """)
 
 
-def _own_onednn():
-    try:
-        from tensorflow.python.util import _pywrap_util_port
-    except ImportError:
-        return None
-    return "1" if _pywrap_util_port.IsMklEnabled() else "0"
-
-
 @pytest.fixture(scope="module")
 def reference(built):
     """``reference(onednn)``: the SavedModels' outputs under that setting (computed once)."""
@@ -146,7 +138,7 @@ def reference(built):
 
     def get(onednn):
         if onednn not in cache:
-            if _own_onednn() == onednn:  # this process's kernels: no second TensorFlow start
+            if own_onednn() == onednn:  # this process's kernels: no second TensorFlow start
                 cache[onednn] = {**serving_pixels_outputs(jobs), "onednn": onednn}
             else:
                 cache[onednn] = run_script(REFERENCE_SCRIPT, json.dumps(jobs), timeout=300,
