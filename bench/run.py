@@ -1,6 +1,6 @@
 """The benchmark runner: every comparison of issue 13 in one command.
 
-    python -m bench --out bench-results            # the full run (about an hour on 2 cores)
+    python -m bench --out bench-results            # the full run (see BENCHMARKS.md)
     python -m bench --quick --out /tmp/benchq      # a tiny model: checks that it all works
     python -m bench --sections train infer --onednn 0 1 --out results
 

@@ -10,7 +10,9 @@ decay, top-1/top-5 sums) in three modes: fp32,
 mixed precision (``mixed_float16`` with loss scaling on a GPU, ``mixed_bfloat16`` on a
 CPU, or ``--policy``), and mixed precision with XLA (``jit_compile=True``). Inputs
 are one random batch repeated, so the input pipeline costs nothing. Each result is a
-JSON line carrying its conditions (device, versions, batch, steps).
+JSON line carrying its conditions (device, versions, batch, steps). `build_step` is also
+what the runner (``python -m bench``, `bench.compute.train_section`) times, under every
+strategy.
 """
 
 import argparse
