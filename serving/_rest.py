@@ -692,6 +692,10 @@ def make_http_server(api, host, port, *, max_body_bytes=DEFAULT_MAX_BODY_BYTES,
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # TCP_NODELAY: the headers and the body are two writes, and on a kept-alive
+        # connection Nagle's algorithm held the body back until the client's delayed ACK of
+        # the headers (about 40 ms per request, measured by bench/: 48 ms -> 5.6 ms median).
+        disable_nagle_algorithm = True
         timeout = read_timeout_s
         deadline = math.inf
 
