@@ -258,7 +258,12 @@ def main(argv=None):
     stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
     try:
         server.wait_until_answering(request)
-    except RuntimeError as error:
+    except RuntimeError as error:  # nothing of the run is left behind: server, exporter, files
+        channel.close()
+        child.kill()
+        child.wait()
+        server.terminate()
+        shutil.rmtree(work, ignore_errors=True)
         raise SystemExit(str(error)) from None
 
     stop = threading.Event()
@@ -350,7 +355,9 @@ def main(argv=None):
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:
-        pathlib.Path(args.out).write_text(text + "\n")
+        from keras_alexnet import files
+
+        files.atomic_write(pathlib.Path(args.out), text + "\n")
     shutil.rmtree(work, ignore_errors=True)
     return 0 if not measured_failures and code == 0 else 1
 

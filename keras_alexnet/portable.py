@@ -286,7 +286,7 @@ def _check_target(path, format, overwrite):
     if path.is_dir():
         raise ValueError(f"{path} is a folder; name the {SUFFIXES[format]} file to write.")
     if not overwrite:
-        for existing in (path, sidecar_path(path)):
+        for existing in (path, sidecar_path(path), mean_path(path)):
             if existing.exists():
                 raise FileExistsError(f"{existing} exists already; remove it, choose another "
                                       "name or pass overwrite=True (--overwrite).")
@@ -347,6 +347,7 @@ def _write(path, content, record, mean):
         np.save(buffer, mean.astype(np.float32))
         writes.append((mean_path(path), buffer.getvalue()))
     writes.append((sidecar_path(path), json.dumps(record, indent=1)))
+    stale_mean = mean_path(path) if mean.size == 3 else None
     done = []
     try:
         for target, data in writes:
@@ -356,6 +357,8 @@ def _write(path, content, record, mean):
         for target in done:
             target.unlink(missing_ok=True)
         raise
+    if stale_mean is not None:  # an overwritten export's per-pixel mean is not this one's
+        stale_mean.unlink(missing_ok=True)
     return path
 
 

@@ -60,6 +60,9 @@ def prometheus_path(config):
         raise ValueError(f"prometheus_config.path must be a URL path starting with '/' and "
                          f"without '?', '#' or whitespace, e.g. {DEFAULT_PATH!r}; got {path!r} "
                          "in --monitoring_config_file")
+    if path == "/v1" or path.startswith("/v1/"):
+        raise ValueError(f"prometheus_config.path {path!r} would hide the /v1/ REST API; "
+                         f"choose another path, e.g. {DEFAULT_PATH!r}")
     return path
 
 

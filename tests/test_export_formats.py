@@ -333,6 +333,18 @@ def test_existing_files_are_kept_unless_overwrite(small, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.json"]
 
 
+def test_a_per_pixel_mean_file_is_kept_unless_overwrite_and_never_left_stale(small, tmp_path):
+    target = tmp_path / "p.onnx"
+    stale = portable.mean_path(target)
+    np.save(stale, np.zeros((67, 67, 3), np.float32))
+    with pytest.raises(FileExistsError, match="overwrite"):
+        portable.export_onnx(small, target, CLASS_NAMES, verify=False)
+    assert not target.exists() and stale.exists()
+    portable.export_onnx(small, target, CLASS_NAMES, overwrite=True, verify=False)
+    # A channel-mean export: the old per-pixel mean beside it would mislead a reader.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.onnx", "p.onnx.json"]
+
+
 # ---------------------------------------------------------------------------------------
 # The command.
 
@@ -421,6 +433,8 @@ def test_cli_bad_inputs_exit_2_and_write_nothing(built, tmp_path, monkeypatch, c
         ([version, "--format", "onnx", "--out", "/proc/alexnet-export-test/m.onnx"],
          "cannot write in /proc"),
         ([version, "--format", "litert", "--out", "/proc/m.tflite"], "cannot write in /proc"),
+        # An existing SavedModel base is checked itself, not its parent (/, writable here).
+        ([version, "--format", "savedmodel", "--out", "/proc"], "cannot write in /proc"),
         ([version, "--format", "onnx", "--out", existing], "exists already"),
         ([version, "--format", "litert", "--out", tmp_path / "dir.tflite"], "is a folder"),
         ([version, "--format", "onnx", "--out", tmp_path / "m.tflite"], "must end with .onnx"),

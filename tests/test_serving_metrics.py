@@ -347,6 +347,9 @@ def test_monitoring_config_parsing(tmp_path):
     assert _parse(tmp_path, "") is None
     with pytest.raises(ValueError, match="must be a URL path starting with '/'"):
         _parse(tmp_path, 'prometheus_config { enable: true, path: "metrics" }')
+    for shadowing in ("/v1", "/v1/models/alexnet"):
+        with pytest.raises(ValueError, match="would hide the /v1/ REST API"):
+            _parse(tmp_path, f'prometheus_config {{ enable: true, path: "{shadowing}" }}')
     with pytest.raises(_textproto.ConfigParseError,
                        match="Error parsing text-format tensorflow.serving.MonitoringConfig"):
         _parse(tmp_path, "prometheus_config { enabled: true }")

@@ -77,7 +77,7 @@ def check_writable(out):
     """`fail` unless ``out`` can be created: its nearest existing ancestor must be a folder
     this process can write in (tried with a temporary file, which is removed)."""
     out = pathlib.Path(out).expanduser().absolute()
-    ancestor = out.parent
+    ancestor = out if out.is_dir() else out.parent  # a SavedModel base that exists: itself
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir():
