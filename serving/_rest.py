@@ -33,6 +33,9 @@ keyword of `make_http_server` / `json_to_array` / `RestApi`):
 * At most `max_concurrent_requests` (default 4 x CPUs, like `--rest_api_num_threads`) requests
   are decoded and run at once, so REST's transient memory is bounded by about
   max_concurrent_requests x 26 x max_body_bytes (bodies still being received add 1x each).
+* The listening socket's backlog is `LISTEN_BACKLOG` (1024, capped by the kernel's
+  somaxconn), not socketserver's 5: a burst of new connections (16 clients connecting at
+  once) is queued by the kernel instead of dropped and retried a second later.
 * Handler threads are daemon threads; `server_close()` (after `shutdown()`) closes idle and
   half-read connections at once, waits up to `close_timeout_s` (5 s) for requests being
   answered, then shuts down whatever is left.
@@ -85,6 +88,10 @@ log = logging.getLogger("serving")
 DEFAULT_MAX_BODY_BYTES = 32 << 20
 DEFAULT_READ_TIMEOUT_S = 30.0
 DEFAULT_CLOSE_TIMEOUT_S = 5.0
+# Connections the kernel completes before the accept loop takes them (listen()'s backlog;
+# the kernel caps it at net.core.somaxconn). socketserver's default of 5 makes the 7th of
+# a burst of new connections wait for a SYN retransmission (1 s, then 3 s, ...).
+LISTEN_BACKLOG = 1024
 MAX_JSON_DEPTH = 1000  # what `json.loads` reaches before RecursionError (sys.getrecursionlimit)
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT
 _INT_RANGES = {k: (int(np.iinfo(v[0]).min), int(np.iinfo(v[0]).max))
@@ -612,6 +619,7 @@ class RestHTTPServer(ThreadingHTTPServer):
 
     daemon_threads = True
     block_on_close = False  # server_close drains connections itself, with a bound
+    request_queue_size = LISTEN_BACKLOG
 
     def __init__(self, address, handler, close_timeout_s=DEFAULT_CLOSE_TIMEOUT_S):
         self.close_timeout_s = close_timeout_s

@@ -296,6 +296,27 @@ def test_max_concurrent_requests_queues_the_rest():
         thread.join(5)
 
 
+def test_a_burst_of_connections_is_queued_not_dropped():
+    """Before the accept loop runs, the kernel completes up to the listen backlog's
+    connections and drops the SYNs beyond it (the client retries after 1 s, then 3 s).
+    With socketserver's backlog of 5, the 7th of 64 connections would not complete."""
+    server = make_http_server(_EchoApi(), "127.0.0.1", 0)  # not serving: nothing accepts
+    socks = []
+    try:
+        for i in range(64):
+            sock = socket.socket()
+            sock.settimeout(0.8)  # under the first SYN retransmission (1 s)
+            socks.append(sock)
+            try:
+                sock.connect(server.server_address[:2])
+            except TimeoutError:
+                pytest.fail(f"connection {i + 1} of 64 was not queued by the listen backlog")
+    finally:
+        for sock in socks:
+            sock.close()
+        server.server_close()
+
+
 def test_handler_threads_are_daemons(http):
     with _connect(http) as sock:
         sock.sendall(b"POST /slow HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
