@@ -5,8 +5,9 @@
 (``--enable_batching`` with serving/batching.config), both with gRPC and REST. For each
 batch size and number of concurrent clients it drives, in turn, gRPC and REST at each
 server, and the same SavedModel in-process (`bench.sides_tf.SavedModelThreads`: the same
-JPEG photos, as many threads as clients), for ``--serving-seconds`` each, ``--reps``
-times round. Clients are threads of this process, each with its own channel or
+JPEG photos, as many threads as clients), each for the same window (``--serving-seconds``,
+longer where `ROUNDS` rounds of every client's request take longer), ``--reps`` times
+round. Clients are threads of this process, each with its own channel or
 keep-alive connection, sending ``serving_default`` requests back to back after one
 untimed request; they share the CPU with the server, as a load generator on the same
 host does. Throughput is images/s; latencies are pooled over the repetitions.
@@ -38,6 +39,7 @@ WARMUP_FILE = pathlib.Path("assets.extra") / "tf_serving_warmup_requests"
 BATCHING_FLAGS = ("--enable_batching",
                   f"--batching_parameters_file={REPO / 'serving' / 'batching.config'}")
 STEADY_WARM = 3  # requests after the first that are not counted in the steady state
+ROUNDS = 5  # the serving window holds at least this many rounds of every client's request
 
 
 def _grpc_client(address, request):
@@ -66,14 +68,20 @@ def _rest_client(port, body):
 
 def drive(make_client, clients, seconds):
     """``clients`` threads, each with its own ``make_client()`` (``(call, close)``), one
-    untimed call each, then calls back to back for ``seconds`` from a common start.
+    untimed call each, then calls back to back for ``seconds`` from a common start, taken
+    once every client's untimed call has returned (so it is not in the window).
 
-    Returns ``{"requests", "failures", "errors", "seconds", "latencies_ms"}``.
+    Returns ``{"requests", "failures", "errors", "seconds", "latencies_ms"}``: the timed
+    requests, and the seconds from the common start to the last one's end.
     """
-    barrier = threading.Barrier(clients + 1, timeout=600)
+    start = [0.0]
+
+    def set_start():  # run by the last thread to reach the barrier
+        start[0] = time.perf_counter()
+
+    barrier = threading.Barrier(clients + 1, action=set_start, timeout=600)
     lock = threading.Lock()
     latencies, errors, ends = [], [], []
-    start = [0.0]
 
     def client():
         try:
@@ -108,7 +116,6 @@ def drive(make_client, clients, seconds):
     threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
     for t in threads:
         t.start()
-    start[0] = time.perf_counter() + 0.05
     barrier.wait()
     for t in threads:
         t.join(seconds + 300)
@@ -143,9 +150,11 @@ def serving_section(ctx):
                               {"path": ctx.model["version_dir"], "batch": combo[0],
                                "clients": combo[1]}) for combo in combos}
         measure(ctx.pool, list(inproc.values()), reps=0, seconds=0, keep=True)  # setup only
+        windows = {combo: _window(ctx, side) for combo, side in inproc.items()}
         served = {}  # (protocol, batching, batch, clients) -> list of drive() results
         for _ in range(args.reps):
             for batch, clients in combos:
+                seconds = windows[(batch, clients)]
                 images = photos(batch)
                 request = build_predict_request(images, model="alexnet")
                 body = json.dumps({"signature_name": "serving_default", "instances": [
@@ -155,14 +164,13 @@ def serving_section(ctx):
                         make = (functools.partial(_grpc_client, server.address, request)
                                 if protocol == "grpc"
                                 else functools.partial(_rest_client, server.rest_port, body))
-                        result = drive(make, clients, args.serving_seconds)
+                        result = drive(make, clients, seconds)
                         served.setdefault((protocol, batching, batch, clients), []).append(result)
                 side = inproc[(batch, clients)]
                 if side.ok:
                     try:
                         run = ctx.pool.get("tf").request(
-                            120 + 20 * args.serving_seconds, op="run", side=side.name,
-                            seconds=args.serving_seconds)
+                            120 + 20 * seconds, op="run", side=side.name, seconds=seconds)
                         side.runs.append(run)
                         side.rates.append(run["items"] / run["seconds"])
                     except WorkerError as error:
@@ -170,7 +178,8 @@ def serving_section(ctx):
         drop(ctx.pool, list(inproc.values()))
         for (batch, clients), side in inproc.items():
             records.append(_load_record(ctx, "in-process SavedModel", "in-process", None, batch,
-                                        clients, side.runs, side.status, side.rates, None))
+                                        clients, side.runs, side.status, side.rates, None,
+                                        window_s=rounded(windows[(batch, clients)])))
             for protocol in ("grpc", "rest"):
                 for batching in (False, True):
                     runs = served.get((protocol, batching, batch, clients), [])
@@ -184,11 +193,28 @@ def serving_section(ctx):
                         ctx, f"{protocol} {'batching' if batching else 'no batching'}",
                         protocol, batching, batch, clients, runs, status, rates, ratio,
                         failed_requests=failures, errors=_errors(runs),
+                        window_s=rounded(windows[(batch, clients)]),
                         server_flags=list(BATCHING_FLAGS if batching else ())))
     finally:
         for server in servers.values():
             server.terminate(30)
     return records
+
+
+def _window(ctx, side):
+    """The seconds each side of one batch x clients combination is timed for: at least
+    ``--serving-seconds`` and at least `ROUNDS` rounds of every client's request, a round
+    timed on the in-process side (one call from each of its threads at once). A window
+    of fewer rounds would be mostly the tail, where clients finish one by one."""
+    seconds = ctx.args.serving_seconds
+    if not side.ok:
+        return seconds
+    try:
+        probe = ctx.pool.get("tf").request(600, op="run", side=side.name, seconds=1e-3)
+    except WorkerError as error:
+        side.status = f"failed: {error}"
+        return seconds
+    return max(seconds, ROUNDS * probe["seconds"])
 
 
 def _errors(runs):
