@@ -101,7 +101,11 @@ def infer_section(ctx):
     """Inference img/s at each of ``--infer-batches``: the exported SavedModel's
     ``serving_pixels`` and ``serving_default`` (JPEG photos, decode and resize included)
     against PyTorch eager, ``torch.compile`` and ONNX Runtime on the same weights and
-    pixels; every pixel side's probabilities are compared with the SavedModel's."""
+    pixels, and the same weights exported computing in bfloat16 (``mixed_bfloat16``,
+    `keras_alexnet.training.loop.inference_copy`), whose top-5 on the real photos
+    `bench.sides_tf.prepare` compares with float32's; every pixel side's probabilities
+    are compared with the SavedModel's. The bfloat16 side's fraction is of the bfloat16
+    limit where the CPU has one (AVX512_BF16 or AMX), else of float32's."""
     args, model, records = ctx.args, ctx.model, []
     path = model["version_dir"]
     for batch in args.infer_batches:
@@ -113,6 +117,13 @@ def infer_section(ctx):
                     "onnx_source": model["onnx_source"]})
         if model["onnx"] is None:
             ort.status = f"failed: ONNX conversion: {model['onnx_error']}"
+        bf16 = Side(f"savedmodel pixels bfloat16 b{batch}", "tf",
+                    "bench.sides_tf:SavedModelInfer",
+                    {"path": model["bf16_version_dir"], "signature": "serving_pixels",
+                     "batch": batch, "image_size": args.image_size},
+                    {**fields, "dtype": "mixed_bfloat16", "framework": "savedmodel",
+                     "input": "pixels (serving_pixels of the mixed_bfloat16 export)",
+                     "top5_vs_float32": model["bf16_top5"]})
         sides = [
             Side(f"savedmodel pixels b{batch}", "tf", "bench.sides_tf:SavedModelInfer",
                  {"path": path, "signature": "serving_pixels", "batch": batch,
@@ -129,6 +140,7 @@ def infer_section(ctx):
             _compile_side(f"torch.compile b{batch}", "bench.sides_torch:TorchInfer", torch,
                           {**fields, "input": "pixels"}, ctx),
             ort,
+            bf16,
         ]
         measure(ctx.pool, sides, args.reps, args.seconds, keep=True)
         outputs = {}
@@ -143,11 +155,13 @@ def infer_section(ctx):
         drop(ctx.pool, sides)
         reference = outputs.get(sides[0].name)
         for side in sides:
+            limit = "bfloat16" if side is bf16 and "bfloat16" in ctx.limits else "float32"
             records.append(rate_record(
-                ctx, "infer", side, flop_per_item=model["forward_flop"], limit_dtype="float32",
+                ctx, "infer", side, flop_per_item=model["forward_flop"], limit_dtype=limit,
                 vs_torch_eager=paired_ratio(side, sides[2]),
                 vs_torch_compile=paired_ratio(side, sides[3]),
                 vs_onnxruntime=paired_ratio(side, sides[4]),
+                vs_float32=paired_ratio(side, sides[0]),
                 max_abs_diff_vs_savedmodel=_max_abs_diff(outputs.get(side.name), reference)))
     ctx.pool.close("torch_compile")
     return records

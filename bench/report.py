@@ -44,6 +44,12 @@ def cell(text):
     return str(text).replace("|", "/").replace("\n", " ")[:160]
 
 
+def _top5(record):
+    """``same/photos`` real photos whose bfloat16 top-5 classes are float32's."""
+    top5 = record.get("top5_vs_float32")
+    return f"{top5['same_top5']}/{top5['photos']}" if top5 else "-"
+
+
 def _status(record):
     return cell(record["status"])
 
@@ -65,13 +71,17 @@ COLUMNS = {
     ],
     "infer": [
         ("side", lambda r: r["framework"]), ("input", lambda r: r["input"].split(" (")[0]),
+        ("dtype", lambda r: r["dtype"]),
         ("batch", lambda r: r["batch"]), ("img/s", lambda r: number(r["value"])),
         ("min-max", spread), ("GFLOP/s", lambda r: number(r.get("gflop_per_s"))),
         ("fraction of limit", lambda r: number(r.get("fraction_of_limit"), 2)),
         ("vs torch eager", lambda r: ratio(r.get("vs_torch_eager"))),
         ("vs torch.compile", lambda r: ratio(r.get("vs_torch_compile"))),
         ("vs ONNX Runtime", lambda r: ratio(r.get("vs_onnxruntime"))),
+        ("vs float32", lambda r: ratio(r.get("vs_float32")) if r["dtype"] != "float32"
+         else "-"),
         ("max diff vs SavedModel", lambda r: number(r.get("max_abs_diff_vs_savedmodel"), 2)),
+        ("top-5 as float32", _top5),
     ],
     "serving": [
         ("path", lambda r: r["name"]), ("batch", lambda r: r["batch"]),

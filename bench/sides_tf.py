@@ -23,7 +23,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from bench.inputs import CHECK_BATCH, CHECK_SEED, photos, pixels
+from bench.inputs import CHECK_BATCH, CHECK_SEED, PHOTOS, photos, pixels
 from bench.worker import Side
 
 
@@ -68,10 +68,16 @@ def prepare(workdir, image_size, width, num_classes, onnx=True):
     start = time.perf_counter()
     version = export_saved_model(model, workdir / "models" / "alexnet", class_names)
     export_s = time.perf_counter() - start
+    start = time.perf_counter()
+    bf16_version = export_saved_model(loop.inference_copy(model, "mixed_bfloat16"),
+                                      workdir / "models" / "alexnet-bf16", class_names)
+    bf16_export_s = time.perf_counter() - start
     np.savez(workdir / "torch_state.npz", **torch_alexnet.state_from_keras(model))
     facts = {
         "version_dir": str(version), "base_path": str(version.parent),
-        "export_s": round(export_s, 1),
+        "export_s": round(export_s, 1), "bf16_version_dir": str(bf16_version),
+        "bf16_export_s": round(bf16_export_s, 1),
+        "bf16_top5": top5_agreement(str(version), str(bf16_version)),
         "torch_state": str(workdir / "torch_state.npz"),
         "arch": torch_alexnet.arch_from_keras(model), "parameters": int(model.count_params()),
         "forward_flop": flops.forward_flops(model), "train_flop": flops.train_flops(model),
@@ -86,6 +92,31 @@ def prepare(workdir, image_size, width, num_classes, onnx=True):
     del model
     keras.backend.clear_session(free_memory=True)  # this worker's later sides build their own
     return facts
+
+
+def top5_agreement(reference, other):
+    """How often ``other`` SavedModel's ``serving_default`` top-5 on the real photos
+    (`bench.inputs.PHOTOS`) is ``reference``'s: ``{"photos", "same_top5" (the same five
+    classes, any order), "same_order" (in the same order), "same_top1", "min_gap"}``;
+    ``min_gap`` is the smallest gap between the reference's 5th and 6th probability (an
+    untrained model's are tiny, so its top-5 is fragile under any rounding)."""
+    from keras_alexnet.preprocessing import eval_from_bytes
+
+    size = load(reference).signatures["serving_pixels"].structured_input_signature[1][
+        "pixels"].shape[1]
+    pixels_of_photos = tf.stack([eval_from_bytes(b, size) for b in photos(len(PHOTOS))])
+    outputs = [load(path).signatures["serving_pixels"](pixels=pixels_of_photos)[
+        "probabilities"].numpy() for path in (reference, other)]
+    first, second = outputs
+    top_first = np.argsort(-first, axis=1)
+    top_second = np.argsort(-second, axis=1)[:, :5]
+    ranked = np.take_along_axis(first, top_first[:, :6], axis=1)
+    top_first = top_first[:, :5]
+    return {"photos": int(len(first)),
+            "same_top5": int(sum(set(a) == set(b) for a, b in zip(top_first, top_second))),
+            "same_order": int(sum(np.array_equal(a, b) for a, b in zip(top_first, top_second))),
+            "same_top1": int(np.sum(top_first[:, 0] == top_second[:, 0])),
+            "min_gap": float(np.min(ranked[:, 4] - ranked[:, 5]))}
 
 
 class Matmul(Side):

@@ -164,3 +164,18 @@ def test_export_copy_is_float32_and_unplaced():
     assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), copy.get_weights()))
     x, _ = batch(2)
     np.testing.assert_allclose(copy(x), model(x), rtol=0.05, atol=0.05)  # bfloat16 vs fp32
+
+
+def test_bfloat16_inference_copy_computes_in_bfloat16_from_the_same_weights():
+    model = loop.build_model(config(), 10)
+    copy = loop.inference_copy(model, "mixed_bfloat16")
+    assert copy.get_layer("conv1_a").compute_dtype == "bfloat16"
+    assert copy.get_layer("conv1_a").variable_dtype == "float32"
+    assert copy.get_layer("fc8").compute_dtype == "float32"
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), copy.get_weights()))
+    x, _ = batch(2)
+    fp32, bf16 = np.asarray(model(x)), np.asarray(copy(x))
+    assert bf16.dtype == np.float32
+    assert not np.array_equal(bf16, fp32)  # it did compute in the other precision
+    np.testing.assert_allclose(bf16, fp32, rtol=0.05, atol=0.05)
+    assert keras.config.dtype_policy().name == "float32"  # the global policy is restored

@@ -108,10 +108,12 @@ def precision_policy(name):
         keras.config.set_dtype_policy(previous)
 
 
-def inference_copy(model):
-    """A float32, unplaced, strategy-free copy of an `AlexNet` with the same weights:
-    what gets exported (a SavedModel of it carries no mirrored variables)."""
-    with precision_policy("float32"):
+def inference_copy(model, policy="float32"):
+    """An unplaced, strategy-free copy of an `AlexNet` with the same weights: what gets
+    exported (a SavedModel of it carries no mirrored variables). ``policy`` is its dtype
+    policy: float32 (the default), or ``"mixed_bfloat16"`` for a copy that computes in
+    bfloat16 from float32 weights (fc8 and the softmax stay float32)."""
+    with precision_policy(policy):
         copy = AlexNet.from_config(model.get_config())
     copy.set_weights([keras.ops.convert_to_numpy(w) for w in model.weights])
     return copy
