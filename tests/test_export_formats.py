@@ -196,10 +196,12 @@ def test_files_match_the_savedmodel_on_real_photos(name, fmt, onednn, reference,
 def test_batch_size_is_dynamic(fmt, built, runtime_outputs):
     case = built["paper"]
     whole = runtime_outputs("paper", fmt)
+    # Not bit for bit: a runtime may block its matrix products differently for another
+    # batch size (ONNX Runtime on an AVX2-only CPU: 1.2e-6 between batches of 1 and 8).
     for rows in (slice(0, 1), slice(3, 6)):
         part = RUNNERS[fmt](case["files"][fmt], case["pixels"][rows])
         np.testing.assert_allclose(part["probabilities"], whole["probabilities"][rows],
-                                   rtol=0, atol=1e-6)
+                                   rtol=0, atol=1e-5)
     if fmt == "onnx":  # ONNX Runtime also takes an empty batch (the interpreter refuses one)
         empty = run_onnx_file(case["files"]["onnx"], case["pixels"][:0])
         assert empty["probabilities"].shape == (0, len(CLASS_NAMES))
