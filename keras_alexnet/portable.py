@@ -179,7 +179,12 @@ def _quiet_tf2onnx():
     """tf2onnx without its INFO log lines, and without the deep copy of the whole graph
     (weights included) it makes before each of its ~24 optimizer passes to roll back a
     failing one: the full model converts in 61 s (check included) instead of 134 s. A
-    failing pass raises instead, and every file is checked numerically afterwards anyway."""
+    failing pass raises instead, and every file is checked numerically afterwards anyway.
+
+    tf2onnx 1.17 (``convert.py``) turns the copies off whenever ``TF2ONNX_CATCH_ERRORS``
+    is set, whatever its value: it compares the variable's name, not its value, with
+    "TRUE". So "FALSE" here is only for readers; a value the user set is left alone and,
+    through that bug, also turns them off."""
     logger = logging.getLogger("tf2onnx")
     level = logger.level
     logger.setLevel(logging.WARNING)
