@@ -124,6 +124,8 @@ def infer_section(ctx):
                     {**fields, "dtype": "mixed_bfloat16", "framework": "savedmodel",
                      "input": "pixels (serving_pixels of the mixed_bfloat16 export)",
                      "top5_vs_float32": model["bf16_top5"]})
+        if model["bf16_version_dir"] is None:
+            bf16.status = f"failed: bfloat16 export: {model['bf16_error']}"
         sides = [
             Side(f"savedmodel pixels b{batch}", "tf", "bench.sides_tf:SavedModelInfer",
                  {"path": path, "signature": "serving_pixels", "batch": batch,

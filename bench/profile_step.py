@@ -103,7 +103,7 @@ def read_trace(logdir):
         if not plane.name.startswith("/host:CPU"):
             continue
         for line in plane.lines:
-            if not line.name.startswith("tf_Compute") and not line.name.startswith("tf_"):
+            if not line.name.startswith("tf_"):  # the executor's op threads (tf_Compute, ...)
                 continue
             for event in line.events:
                 full = plane.event_metadata[event.metadata_id].name

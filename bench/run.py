@@ -185,7 +185,8 @@ def run_setting(args, onednn, header, records, workdir):
                 ctx.model = pool.get("tf").request(
                     3600, op="call", fn="bench.sides_tf:prepare",
                     kwargs={"workdir": str(workdir), "image_size": args.image_size,
-                            "width": args.width, "num_classes": args.num_classes})["result"]
+                            "width": args.width, "num_classes": args.num_classes,
+                            "inference_sides": "infer" in args.sections})["result"]
                 header["model"] = ctx.model
             except WorkerError as error:
                 prepare_error = f"failed: preparing the model: {error}"

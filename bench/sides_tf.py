@@ -51,11 +51,13 @@ def train_config(image_size, width, policy=None):
                                jit_compile=False)
 
 
-def prepare(workdir, image_size, width, num_classes, onnx=True):
+def prepare(workdir, image_size, width, num_classes, inference_sides=True):
     """Builds, counts, exports and converts the benchmark's model; returns its facts.
 
-    Writes ``<workdir>/models/alexnet/1`` (SavedModel), ``torch_state.npz`` and
-    ``model.onnx`` (or records why the conversion failed).
+    Writes ``<workdir>/models/alexnet/1`` (SavedModel) and ``torch_state.npz``; with
+    ``inference_sides`` (only the infer section uses them) also the bfloat16 copy
+    ``models/alexnet-bf16/1`` with its top-5 agreement, and ``model.onnx`` (or records
+    why the conversion failed).
     """
     from bench import flops, onnx_model, torch_alexnet
     from keras_alexnet.export import export_saved_model
@@ -68,43 +70,54 @@ def prepare(workdir, image_size, width, num_classes, onnx=True):
     start = time.perf_counter()
     version = export_saved_model(model, workdir / "models" / "alexnet", class_names)
     export_s = time.perf_counter() - start
-    start = time.perf_counter()
-    bf16_version = export_saved_model(loop.inference_copy(model, "mixed_bfloat16"),
-                                      workdir / "models" / "alexnet-bf16", class_names)
-    bf16_export_s = time.perf_counter() - start
     np.savez(workdir / "torch_state.npz", **torch_alexnet.state_from_keras(model))
     facts = {
         "version_dir": str(version), "base_path": str(version.parent),
-        "export_s": round(export_s, 1), "bf16_version_dir": str(bf16_version),
-        "bf16_export_s": round(bf16_export_s, 1),
-        "bf16_top5": top5_agreement(str(version), str(bf16_version)),
+        "export_s": round(export_s, 1), "bf16_version_dir": None, "bf16_export_s": None,
+        "bf16_top5": None,
         "torch_state": str(workdir / "torch_state.npz"),
         "arch": torch_alexnet.arch_from_keras(model), "parameters": int(model.count_params()),
         "forward_flop": flops.forward_flops(model), "train_flop": flops.train_flops(model),
         "train_factor": flops.TRAIN_FACTOR, "onnx": None, "onnx_error": None,
+        "bf16_error": None,
         "onnx_source": onnx_model.SOURCE,
     }
-    if onnx:
+    if inference_sides:
+        try:
+            start = time.perf_counter()
+            bf16_version = export_saved_model(
+                loop.inference_copy(model, "mixed_bfloat16"),
+                workdir / "models" / "alexnet-bf16", class_names)
+            facts["bf16_export_s"] = round(time.perf_counter() - start, 1)
+            facts["bf16_version_dir"] = str(bf16_version)
+            facts["bf16_top5"] = top5_agreement(str(version), str(bf16_version), image_size)
+        except Exception as error:  # recorded: the bfloat16 sides report it
+            facts["bf16_error"] = _first_line(error)
         try:
             facts["onnx"] = str(onnx_model.convert(model, workdir / "model.onnx"))
         except Exception as error:  # recorded: the ONNX Runtime sides report it
-            facts["onnx_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+            facts["onnx_error"] = _first_line(error)
     del model
     keras.backend.clear_session(free_memory=True)  # this worker's later sides build their own
     return facts
 
 
-def top5_agreement(reference, other):
-    """How often ``other`` SavedModel's ``serving_default`` top-5 on the real photos
-    (`bench.inputs.PHOTOS`) is ``reference``'s: ``{"photos", "same_top5" (the same five
+def _first_line(error):
+    return f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+
+
+def top5_agreement(reference, other, image_size):
+    """How often ``other`` SavedModel's top-5 on the real photos (`bench.inputs.PHOTOS`)
+    is ``reference``'s, both through ``serving_pixels`` on the photos preprocessed by
+    `keras_alexnet.preprocessing.eval_from_bytes` (the one evaluation preprocessing) at
+    ``image_size``: ``{"photos", "same_top5" (the same five
     classes, any order), "same_order" (in the same order), "same_top1", "min_gap"}``;
     ``min_gap`` is the smallest gap between the reference's 5th and 6th probability (an
     untrained model's are tiny, so its top-5 is fragile under any rounding)."""
     from keras_alexnet.preprocessing import eval_from_bytes
 
-    size = load(reference).signatures["serving_pixels"].structured_input_signature[1][
-        "pixels"].shape[1]
-    pixels_of_photos = tf.stack([eval_from_bytes(b, size) for b in photos(len(PHOTOS))])
+    pixels_of_photos = tf.stack([eval_from_bytes(b, image_size)
+                                 for b in photos(len(PHOTOS))])
     outputs = [load(path).signatures["serving_pixels"](pixels=pixels_of_photos)[
         "probabilities"].numpy() for path in (reference, other)]
     first, second = outputs

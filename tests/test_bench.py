@@ -314,3 +314,39 @@ def test_profile_step_accounts_for_every_op(tmp_path):
         2 * 15 * 15 * 6 * 11 * 11 * 3 * 4 / 1e9, 6)
     assert all(r["ms_per_step"] > 0 for r in layers.values())
     assert "| kind of work |" in (tmp_path / "profile.md").read_text()
+
+
+@pytest.mark.slow
+def test_prepare_writes_the_inference_artefacts_only_for_the_infer_section(tmp_path):
+    """The bfloat16 export, its top-5 check and the ONNX conversion serve the infer
+    section alone: without it, `prepare` writes only the float32 export and the PyTorch
+    weights, and says so in its facts; with it, both are written and the top-5 check
+    counts every photo (within a tiny model's rounding)."""
+    script = f"""
+import json, pathlib, sys
+sys.path.insert(0, {str(REPO)!r})
+from bench import sides_tf
+from bench.inputs import PHOTOS
+out = {{}}
+for sides in (False, True):
+    work = pathlib.Path({str(tmp_path)!r}) / str(sides)
+    work.mkdir()
+    facts = sides_tf.prepare(str(work), 67, 0.125, 10, inference_sides=sides)
+    out[str(sides)] = dict(facts, files=sorted(
+        str(p.relative_to(work)) for p in work.rglob("*") if p.parent == work
+        or p.parent.parent == work / "models"), photos=len(PHOTOS))
+print("RESULT" + json.dumps(out))
+"""
+    result = run_script(script)
+    without, with_ = result["False"], result["True"]
+    assert without["bf16_version_dir"] is None and without["bf16_top5"] is None
+    assert without["onnx"] is None and without["onnx_error"] is None
+    assert "model.onnx" not in without["files"]
+    assert without["files"] == ["models", "models/alexnet/1", "torch_state.npz"]
+    assert pathlib.Path(without["version_dir"]).is_dir()
+    assert pathlib.Path(with_["bf16_version_dir"]).is_dir() and with_["bf16_error"] is None
+    assert "models/alexnet-bf16/1" in with_["files"]
+    assert (with_["onnx"] is not None) != (with_["onnx_error"] is not None)
+    top5 = with_["bf16_top5"]
+    assert top5["photos"] == with_["photos"] > 0
+    assert 0 <= top5["same_order"] <= top5["same_top5"] <= top5["photos"]
