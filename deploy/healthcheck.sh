@@ -7,11 +7,11 @@
 # Sends GET /v1/models/MODEL (GetModelStatus over REST) to HOST:PORT and exits 0 (healthy)
 # when the answer is 200 and lists at least one version in state AVAILABLE; exits 1
 # (unhealthy) when nothing listens yet (TF Serving opens its ports only after the initial
-# load), the model is unknown, no version is AVAILABLE, or no answer comes within
-# HEALTHCHECK_TIMEOUT seconds per read (default 3); exits 2 on bad arguments. One line on
-# stdout says why (Docker keeps it in `docker inspect`). Defaults: MODEL=$MODEL_NAME or
-# alexnet, PORT=8501, HOST=127.0.0.1. Used by the serving image's HEALTHCHECK and by the
-# Kubernetes readiness probe (deploy/serving-deployment.yaml).
+# load), the model is unknown, no version is AVAILABLE, or the connection or an answer
+# does not come within HEALTHCHECK_TIMEOUT seconds per step (default 3); exits 2 on bad
+# arguments. One line on stdout says why (Docker keeps it in `docker inspect`).
+# Defaults: MODEL=$MODEL_NAME or alexnet, PORT=8501, HOST=127.0.0.1. Used by the serving
+# image's HEALTHCHECK and by the Kubernetes readiness probe (deploy/serving-deployment.yaml).
 set -u
 export LC_ALL=C  # read -N counts bytes
 
@@ -38,11 +38,24 @@ unhealthy() {
   exit 1
 }
 
+# bash's connect has no time limit of its own: a host that drops SYNs (or a listener whose
+# accept queue is full) would hold it for minutes, past Docker's and Kubernetes' own
+# timeouts, which then report a bare timeout instead of why. A watchdog interrupts it.
+trap 'timed_out=1' USR1
+timed_out=0
+(sleep "$wait_s" && kill -USR1 $$) 2>/dev/null &
+watchdog=$!
 if ! { exec 3<>"/dev/tcp/${host}/${port}"; } 2>/dev/null; then
+  kill "$watchdog" 2>/dev/null
+  ((timed_out)) && unhealthy "no connection to ${host}:${port} within ${wait_s} s"
   unhealthy "nothing listening on ${host}:${port} (starting, or not serving REST there)"
 fi
-printf 'GET /v1/models/%s HTTP/1.1\r\nHost: %s:%s\r\nConnection: close\r\n\r\n' \
-  "$model" "$host" "$port" >&3
+kill "$watchdog" 2>/dev/null  # (the trap stays: a signal already on its way is harmless)
+# An IPv6 address goes in brackets in the Host header (RFC 7230, 5.4).
+authority="${host}:${port}"
+[[ "$host" == *:* ]] && authority="[${host}]:${port}"
+printf 'GET /v1/models/%s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n' \
+  "$model" "$authority" >&3
 
 IFS= read -r -t "$wait_s" status_line <&3 || unhealthy "no HTTP answer from ${host}:${port}"
 status_line="${status_line%$'\r'}"

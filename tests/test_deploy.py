@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import textwrap
@@ -531,6 +532,7 @@ class _Scripted(BaseHTTPRequestHandler):
 
     def do_GET(self):
         self.server.paths.append(self.path)
+        self.server.hosts.append(self.headers["Host"])
         status, body, send_length = self.server.answer
         data = body.encode()
         self.protocol_version = "HTTP/1.1" if send_length else "HTTP/1.0"
@@ -545,10 +547,15 @@ class _Scripted(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def scripted():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Scripted)
-    server.paths = []
+class _ScriptedV6(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
+@pytest.fixture(params=["127.0.0.1"])
+def scripted(request):
+    server = (_ScriptedV6 if ":" in request.param else ThreadingHTTPServer)(
+        (request.param, 0), _Scripted)
+    server.paths, server.hosts = [], []
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server
@@ -602,3 +609,39 @@ def test_healthcheck_without_a_listener_is_unhealthy():
     assert (result.returncode, result.stdout) == (
         1, f"unhealthy: nothing listening on 127.0.0.1:{port} (starting, or not serving "
            "REST there)\n")
+
+
+@pytest.mark.parametrize("scripted", ["::1"], indirect=True)
+def test_healthcheck_speaks_to_an_ipv6_address_with_a_bracketed_host(scripted):
+    """An IPv6 literal needs brackets in the Host header (RFC 7230, 5.4): ``::1:8501``
+    would be an address, not a host and port."""
+    port = scripted.server_address[1]
+    scripted.answer = (200, _TF_SERVING_STATUS.format(new="AVAILABLE", old="END", code="OK",
+                                                      message=""), True)
+    result = _healthcheck("alexnet", str(port), "::1")
+    assert result.returncode == 0, result.stdout
+    assert scripted.hosts == [f"[::1]:{port}"]
+
+
+def test_healthcheck_gives_up_on_a_connection_that_never_completes():
+    """A listener whose accept queue is full drops new SYNs, so bash's connect would wait
+    for minutes of retransmissions (as for a host that drops them); the check reports
+    unhealthy after HEALTHCHECK_TIMEOUT instead (the subprocess is given 30 s)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    queued = []
+    try:
+        for _ in range(4):  # fill the accept queue; nothing ever accepts
+            client = socket.socket()
+            client.setblocking(False)
+            client.connect_ex(("127.0.0.1", port))
+            queued.append(client)
+        result = _healthcheck("alexnet", str(port), env={"HEALTHCHECK_TIMEOUT": "1"})
+    finally:
+        for client in queued:
+            client.close()
+        listener.close()
+    assert (result.returncode, result.stdout) == (
+        1, f"unhealthy: no connection to 127.0.0.1:{port} within 1 s\n")
