@@ -283,7 +283,10 @@ def _verify(function, content, runner, size):
             "max_abs_difference": worst, "tolerance": TOLERANCE}
 
 
-def _check_target(path, format, overwrite):
+def check_target(path, format, overwrite):
+    """The file a ``format`` export writes to, checked before anything is converted:
+    ``ValueError`` for a wrong suffix or a folder, ``FileExistsError`` when the file, its
+    sidecar or its mean image exists and ``overwrite`` is false. Returns it as a Path."""
     path = pathlib.Path(path)
     if path.suffix != SUFFIXES[format]:
         raise ValueError(f"The {format} file's name must end with {SUFFIXES[format]}. "
@@ -370,7 +373,7 @@ def _write(path, content, record, mean):
 def _export(format, model, path, class_names, *, mean, resize, source, overwrite, verify,
             signature, ten_crop, opset=None):
     check_request(format, signature, ten_crop)
-    path = _check_target(path, format, overwrite)
+    path = check_target(path, format, overwrite)
     require_extra(format, verify)
     class_names = [str(name) for name in class_names]
     num_outputs = int(model.output_shape[-1])

@@ -424,6 +424,7 @@ def test_cli_bad_inputs_exit_2_and_write_nothing(built, tmp_path, monkeypatch, c
     a_file.write_text("not a folder")
     existing = tmp_path / "existing.onnx"
     existing.write_bytes(b"keep me")
+    (tmp_path / "stale.onnx.mean.npy").write_bytes(b"keep me")
     (tmp_path / "dir.tflite").mkdir()
     cases = [
         ([version, "--format", "tflite", "--out", tmp_path / "m.tflite"], "invalid choice"),
@@ -438,6 +439,9 @@ def test_cli_bad_inputs_exit_2_and_write_nothing(built, tmp_path, monkeypatch, c
         # An existing SavedModel base is checked itself, not its parent (/, writable here).
         ([version, "--format", "savedmodel", "--out", "/proc"], "cannot write in /proc"),
         ([version, "--format", "onnx", "--out", existing], "exists already"),
+        # A per-pixel mean left by an earlier export would be read as this one's.
+        ([version, "--format", "onnx", "--out", tmp_path / "stale.onnx"],
+         "stale.onnx.mean.npy exists already"),
         ([version, "--format", "litert", "--out", tmp_path / "dir.tflite"], "is a folder"),
         ([version, "--format", "onnx", "--out", tmp_path / "m.tflite"], "must end with .onnx"),
         ([version, "--format", "onnx", "--out", tmp_path / "m.onnx", "--signature",

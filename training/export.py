@@ -119,16 +119,10 @@ def _check_arguments(args):
                                args.ten_crop)
     except ValueError as error:
         fail(error)
-    suffix = portable.SUFFIXES[args.format]
-    if out.suffix != suffix:
-        fail(f"--out {out}: the {args.format} file's name must end with {suffix}")
-    if out.is_dir():
-        fail(f"--out {out} is a folder; name the {suffix} file to write")
-    if not args.overwrite:
-        for existing in (out, portable.sidecar_path(out)):
-            if existing.exists():
-                fail(f"{existing} exists already; remove it, choose another --out or pass "
-                     "--overwrite")
+    try:
+        portable.check_target(out, args.format, args.overwrite)
+    except (ValueError, FileExistsError) as error:
+        fail(f"--out: {error}")
     try:
         portable.require_extra(args.format, verify=not args.no_verify)
     except ImportError as error:
