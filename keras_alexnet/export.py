@@ -568,7 +568,9 @@ def load_keras_model(version_dir):
     weights from the SavedModel's variables, matched by name (``conv1_a/kernel``) and
     checked for shape, so the result computes exactly what the export serves. Returns
     ``(model, metadata)``; the metadata's mean, ``image_size`` and ``resize_size`` are the
-    preprocessing the model expects (`preprocessing.eval_from_image`).
+    preprocessing the model expects (`preprocessing.eval_from_image`). An ensemble export
+    rebuilds only once `keras_alexnet.ensemble` is imported (it registers `Ensemble`;
+    `keras_alexnet.training.model_source.load_keras` does it).
 
     Raises:
         ValueError: if the export holds no model record (a model that was not
@@ -578,6 +580,8 @@ def load_keras_model(version_dir):
     if not metadata.get("model"):
         raise ValueError(f"The export {version_dir} records no Keras architecture (its model was "
                          "not serializable); load it with tf.saved_model.load instead.")
+    from keras_alexnet import model as _  # noqa: F401 (registers AlexNet and its layers)
+
     model = keras.saving.deserialize_keras_object(metadata["model"])
     # Dropout's RNG states are skipped on both sides: they are not weights, and their
     # names depend on how many models the process has built.

@@ -337,3 +337,21 @@ def test_single_model_ten_crop_export(members, member_exports, photos):
     np.testing.assert_allclose(out["scores"].numpy(), scores, rtol=0, atol=1e-6)
     empty = signature(version, "serving_default")(images=tf.constant([], tf.string))
     assert empty["scores"].shape == (0, 5)
+
+
+def test_a_fresh_process_reopens_an_ensemble_through_the_tools_loaders(ensemble_export,
+                                                                        tmp_path):
+    """The package loads its classes lazily, so a tool that imports only its loader (no
+    `keras_alexnet.ensemble`) must still rebuild a recorded `Ensemble`: from an export's
+    metadata and from a ``.keras`` file (`model_source.register_classes`)."""
+    keras_file = tmp_path / "ensemble.keras"
+    model_source.load_keras(ensemble_export.parent).model.save(keras_file)
+    script = textwrap.dedent("""
+        import json, sys
+        from keras_alexnet.training import model_source
+        before = "keras_alexnet.ensemble" in sys.modules
+        kinds = [type(model_source.load_keras(p).model).__name__ for p in sys.argv[1:]]
+        print("RESULT" + json.dumps({"before": before, "kinds": kinds}))
+    """)
+    result = run_script(script, ensemble_export.parent, keras_file)
+    assert result == {"before": False, "kinds": ["Ensemble", "Ensemble"]}

@@ -107,3 +107,22 @@ def test_there_are_no_import_cycles():
         if node not in state:
             visit(node)
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_package_and_the_recipes_config_load_without_tensorflow():
+    """`keras_alexnet` loads its public names on first use, so the recipes refuse a bad
+    flag before TensorFlow starts (seconds, and its log lines, on every typo)."""
+    import subprocess
+    import sys
+
+    script = ("import sys, keras_alexnet, keras_alexnet.paper, keras_alexnet.training.config\n"
+              "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))\n"
+              "keras_alexnet.AlexNet\n"
+              "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120, check=True).stdout.splitlines()
+    assert out == ["[]", "['keras', 'tensorflow']"]
+    refused = subprocess.run([sys.executable, "training/train.py", "--no-such-flag"],
+                             capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert refused.returncode == 2 and "unrecognized arguments: --no-such-flag" in refused.stderr
+    assert "oneDNN" not in refused.stderr  # TensorFlow's first log line never came

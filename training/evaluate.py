@@ -83,7 +83,7 @@ def load_model(path):
     import keras
     import tensorflow as tf
 
-    from keras_alexnet.training import evaluation
+    from keras_alexnet.training import evaluation, model_source
 
     path = pathlib.Path(path).expanduser()
     found = _run_and_checkpoint(path)
@@ -99,6 +99,7 @@ def load_model(path):
                 int(model.input_shape[1]), config.get("mean", "imagenet"), config,
                 config.get("resize"))
     if path.is_file():
+        model_source.register_classes()
         model = keras.saving.load_model(path)
         num_outputs = int(model.output_shape[-1])
         return (lambda num_classes: (evaluation.keras_predictor(model), num_outputs),

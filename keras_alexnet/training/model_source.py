@@ -94,6 +94,14 @@ def newest_version(path):
     return path / str(versions[-1])
 
 
+def register_classes():
+    """Makes the library's Keras classes known to Keras' deserialization (`AlexNet`, its
+    layers, `keras_alexnet.ensemble.Ensemble`): their modules register them when they are
+    imported, and the package imports them lazily. Call before rebuilding a recorded
+    architecture or opening a ``.keras`` file."""
+    from keras_alexnet import ensemble, model  # noqa: F401 (imported for registration)
+
+
 def load_keras(path):
     """Opens a run, checkpoint, export or ``.keras`` file as a `LoadedModel`.
 
@@ -115,9 +123,11 @@ def load_keras(path):
 
         if path.suffix != ".keras":
             raise FileNotFoundError(f"{path} is a file but not a .keras model.")
+        register_classes()
         model = keras.saving.load_model(path)
         return LoadedModel(model, int(model.input_shape[1]), path=path)
     version = newest_version(path)
+    register_classes()
     model, metadata = export.load_keras_model(version)
     return LoadedModel(model, int(metadata["image_size"]), metadata["mean"],
                        metadata.get("resize_size"), list(metadata["class_names"]), None,
