@@ -645,3 +645,19 @@ def test_healthcheck_gives_up_on_a_connection_that_never_completes():
         listener.close()
     assert (result.returncode, result.stdout) == (
         1, f"unhealthy: no connection to 127.0.0.1:{port} within 1 s\n")
+
+
+def test_healthcheck_gives_up_on_a_server_that_never_answers():
+    """A server that accepts the connection and then says nothing (hung, or a proxy
+    waiting on it) is unhealthy after HEALTHCHECK_TIMEOUT, not when Docker's own timeout
+    kills the check without a reason."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)  # the kernel completes the handshake; nothing ever answers
+    port = listener.getsockname()[1]
+    try:
+        result = _healthcheck("alexnet", str(port), env={"HEALTHCHECK_TIMEOUT": "1"})
+    finally:
+        listener.close()
+    assert (result.returncode, result.stdout) == (
+        1, f"unhealthy: no HTTP answer from 127.0.0.1:{port}\n")
