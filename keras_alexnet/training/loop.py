@@ -48,6 +48,7 @@ import tensorflow as tf
 from keras_alexnet import datasets, export, faults, preprocessing
 from keras_alexnet.model import AlexNet
 from keras_alexnet.training import distribute, finetune, input_pipeline, pictures
+from keras_alexnet.training.fused_sgd import FusedSGD
 from keras_alexnet.training.run_dir import RunDirectory, RunState, checkpoint_object
 from keras_alexnet.training.schedule import PlateauSchedule
 
@@ -74,8 +75,9 @@ def build_model(config, num_classes, tower_devices=None):
 
 
 def build_optimizer(config, replicas=1, lr_factor=1.0):
-    """SGD with momentum (the paper; decay comes from the model's L2 terms) or Adam,
-    wrapped in a ``LossScaleOptimizer`` under mixed_float16.
+    """SGD with momentum (the paper, as `FusedSGD`: Keras' rule, one kernel per variable;
+    decay comes from the model's L2 terms) or Adam, wrapped in a ``LossScaleOptimizer``
+    under mixed_float16.
 
     With ``config.scale_lr`` the learning rate is multiplied by ``replicas``, as the
     global batch is (the linear scaling rule of Goyal et al., 2017); ``lr_factor``
@@ -83,7 +85,7 @@ def build_optimizer(config, replicas=1, lr_factor=1.0):
     """
     lr = config.learning_rate * (replicas if config.scale_lr else 1) * lr_factor
     if config.optimizer == "sgd":
-        optimizer = keras.optimizers.SGD(learning_rate=lr, momentum=config.momentum)
+        optimizer = FusedSGD(learning_rate=lr, momentum=config.momentum)
     elif config.optimizer == "adam":
         optimizer = keras.optimizers.Adam(learning_rate=lr)
     else:
