@@ -152,7 +152,7 @@ def summarise(events, steps, flop, mode):
     kind_flop = collections.Counter()
     for (layer, kind), value in flop.items():
         kind_flop[kind] += value
-    kinds = [{"kind": kind, "ms_per_step": round(ms, 2),
+    kinds = [{"kind": kind, "ms_per_step": round(ms, 4),
               "share_of_op_time": round(by_kind[kind] / total_ps, 4),
               "gflop_per_step": round(kind_flop[kind] / 1e9, 3) if kind in kind_flop else None,
               "gflop_per_s": round(kind_flop[kind] / 1e9 / (ms / 1e3), 1)
@@ -161,7 +161,7 @@ def summarise(events, steps, flop, mode):
     layers = []
     for (layer, kind), value in sorted(flop.items()):
         ms = by_layer[(layer, kind)] / 1e9 / steps
-        layers.append({"layer": layer, "kind": kind, "ms_per_step": round(ms, 2),
+        layers.append({"layer": layer, "kind": kind, "ms_per_step": round(ms, 4),
                        "gflop_per_step": round(value / 1e9, 6),
                        "gflop_per_s": round(value / 1e9 / (ms / 1e3), 1) if ms else None})
     top = [{"op": op[:120], "ms_per_step": round(ps / 1e9 / steps, 2),
@@ -195,13 +195,14 @@ def markdown(result):
         "|---|---|---|---|---|",
     ]
     for k in s["kinds"]:
-        lines.append(f"| {k['kind']} | {k['ms_per_step']} | {100 * k['share_of_op_time']:.1f} % "
+        lines.append(f"| {k['kind']} | {k['ms_per_step']:.2f} | "
+                     f"{100 * k['share_of_op_time']:.1f} % "
                      f"| {k['gflop_per_step'] if k['gflop_per_step'] is not None else '-'} | "
                      f"{k['gflop_per_s'] if k['gflop_per_s'] is not None else '-'} |")
     lines += ["", "| layer | kind | ms per step | GFLOP per step | GFLOP/s |",
               "|---|---|---|---|---|"]
     for r in s["layers"]:
-        lines.append(f"| {r['layer']} | {r['kind']} | {r['ms_per_step']} | "
+        lines.append(f"| {r['layer']} | {r['kind']} | {r['ms_per_step']:.2f} | "
                      f"{r['gflop_per_step']:.3g} | {r['gflop_per_s'] or '-'} |")
     lines += ["", "| slowest ops | ms per step | share of op time |", "|---|---|---|"]
     for r in s["top_ops"]:
