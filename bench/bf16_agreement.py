@@ -4,10 +4,11 @@ The runner (`python -m bench`) times the bfloat16 export against float32 on its 
 whose weights are untrained: its softmax is nearly flat (the gap between its 5th and 6th
 probability is about 1e-6, below bfloat16's rounding), so its top-5 on the photos says
 nothing about what bfloat16 does to a model that has learned something. This script takes
-a training run, builds its float32 model and the bfloat16 copy the export would serve
-(`loop.inference_copy(model, "mixed_bfloat16")`: float32 weights, bfloat16 arithmetic, fc8
-and the softmax in float32), and compares their predictions on the run's whole validation
-split (its own evaluation preprocessing) and on the real photos of tests/data/images:
+a training run, builds its float32 model and the bfloat16 copy the runner exports
+(`loop.inference_copy(model, "bfloat16")`: weights rounded to bfloat16, bfloat16
+arithmetic, fc8, LRN and the softmax in float32), and compares their predictions on the
+run's whole validation split (its own evaluation preprocessing) and on the real photos
+of tests/data/images:
 
     python training/train.py --run-dir runs/demo                # a trained run (the Quickstart)
     python -m bench.bf16_agreement runs/demo --out /tmp/bf16.json
@@ -74,7 +75,7 @@ def main(argv=None):
     if config is None:
         parser.error(f"{args.run_dir} is not a training run (no config.json)")
     float32 = run.load_model()
-    bfloat16 = loop.inference_copy(float32, "mixed_bfloat16")
+    bfloat16 = loop.inference_copy(float32, "bfloat16")
     predict = [tf.function(lambda x, m=m: tf.nn.softmax(tf.cast(m(x, training=False),
                                                                  tf.float32)))
                for m in (float32, bfloat16)]

@@ -101,8 +101,8 @@ def infer_section(ctx):
     """Inference img/s at each of ``--infer-batches``: the exported SavedModel's
     ``serving_pixels`` and ``serving_default`` (JPEG photos, decode and resize included)
     against PyTorch eager, ``torch.compile`` and ONNX Runtime on the same weights and
-    pixels, and the same weights exported computing in bfloat16 (``mixed_bfloat16``,
-    `keras_alexnet.training.loop.inference_copy`), whose top-5 on the real photos
+    pixels, and the same weights exported computing in bfloat16 (stored in bfloat16:
+    ``loop.inference_copy(model, "bfloat16")``), whose top-5 on the real photos
     `bench.sides_tf.prepare` compares with float32's; every pixel side's probabilities
     are compared with the SavedModel's. The bfloat16 side's fraction is of the bfloat16
     limit where the CPU has one (AVX512_BF16 or AMX), else of float32's."""
@@ -121,8 +121,8 @@ def infer_section(ctx):
                     "bench.sides_tf:SavedModelInfer",
                     {"path": model["bf16_version_dir"], "signature": "serving_pixels",
                      "batch": batch, "image_size": args.image_size},
-                    {**fields, "dtype": "mixed_bfloat16", "framework": "savedmodel",
-                     "input": "pixels (serving_pixels of the mixed_bfloat16 export)",
+                    {**fields, "dtype": "bfloat16", "framework": "savedmodel",
+                     "input": "pixels (serving_pixels of the bfloat16 export)",
                      "top5_vs_float32": model["bf16_top5"]})
         if model["bf16_version_dir"] is None:
             bf16.status = f"failed: bfloat16 export: {model['bf16_error']}"

@@ -86,7 +86,7 @@ def prepare(workdir, image_size, width, num_classes, inference_sides=True):
         try:
             start = time.perf_counter()
             bf16_version = export_saved_model(
-                loop.inference_copy(model, "mixed_bfloat16"),
+                loop.inference_copy(model, "bfloat16"),
                 workdir / "models" / "alexnet-bf16", class_names)
             facts["bf16_export_s"] = round(time.perf_counter() - start, 1)
             facts["bf16_version_dir"] = str(bf16_version)

@@ -179,3 +179,37 @@ def test_bfloat16_inference_copy_computes_in_bfloat16_from_the_same_weights():
     assert not np.array_equal(bf16, fp32)  # it did compute in the other precision
     np.testing.assert_allclose(bf16, fp32, rtol=0.05, atol=0.05)
     assert keras.config.dtype_policy().name == "float32"  # the global policy is restored
+
+
+def test_bfloat16_weight_copy_stores_rounded_weights_and_computes_what_mixed_does():
+    """``inference_copy(model, "bfloat16")`` keeps its weights in bfloat16 (rounded to
+    nearest even, as NumPy's ml_dtypes rounds), except fc8's; its outputs are the
+    mixed_bfloat16 copy's exactly, since that copy rounds its float32 weights the same way
+    on every call."""
+    import ml_dtypes
+
+    model = loop.build_model(config(), 10)
+    mixed = loop.inference_copy(model, "mixed_bfloat16")
+    stored = loop.inference_copy(model, "bfloat16")
+    conv1, fc8 = stored.get_layer("conv1_a"), stored.get_layer("fc8")
+    assert (conv1.variable_dtype, conv1.compute_dtype) == ("bfloat16", "bfloat16")
+    assert (fc8.variable_dtype, fc8.compute_dtype) == ("float32", "float32")
+    lrn = [layer for layer in stored.layers if "LocalResponse" in type(layer).__name__]
+    assert lrn and all(layer.compute_dtype == "float32" for layer in lrn)
+    for source, copy in zip(model.weights, stored.weights):
+        want = np.asarray(source).astype(ml_dtypes.bfloat16 if copy.dtype == "bfloat16"
+                                         else np.float32)
+        np.testing.assert_array_equal(np.asarray(copy), want)
+    x, _ = batch(2)
+    np.testing.assert_array_equal(np.asarray(stored(x)), np.asarray(mixed(x)))
+    assert keras.config.dtype_policy().name == "float32"
+
+
+def test_policies_are_checked_for_their_use():
+    model = loop.build_model(config(), 10)
+    with pytest.raises(ValueError, match="Received: 'mixed_float16'"):
+        loop.inference_copy(model, "mixed_float16")  # float16 inference is not offered
+    with pytest.raises(ValueError, match="Received: 'bfloat16'"):
+        with loop.precision_policy("bfloat16"):  # training keeps float32 weights
+            pass
+    assert keras.config.dtype_policy().name == "float32"

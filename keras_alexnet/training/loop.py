@@ -95,12 +95,17 @@ def build_optimizer(config, replicas=1, lr_factor=1.0):
     return optimizer
 
 
+TRAINING_POLICIES = (None, "float32", "mixed_float16", "mixed_bfloat16")
+INFERENCE_POLICIES = ("float32", "mixed_bfloat16", "bfloat16")
+
+
 @contextlib.contextmanager
-def precision_policy(name):
-    """Sets Keras' global dtype policy (``None`` leaves it) and restores it on exit."""
-    if name not in (None, "float32", "mixed_float16", "mixed_bfloat16"):
-        raise ValueError("`mixed_precision` must be 'mixed_float16' or 'mixed_bfloat16'. "
-                         f"Received: {name!r}")
+def precision_policy(name, allowed=TRAINING_POLICIES):
+    """Sets Keras' global dtype policy (``None`` leaves it) and restores it on exit;
+    ``ValueError`` for a name not in ``allowed``."""
+    if name not in allowed:
+        choices = ", ".join(repr(a) for a in allowed if a is not None)
+        raise ValueError(f"The precision policy must be one of {choices}. Received: {name!r}")
     previous = keras.config.dtype_policy()
     if name is not None:
         keras.config.set_dtype_policy(name)
@@ -112,10 +117,16 @@ def precision_policy(name):
 
 def inference_copy(model, policy="float32"):
     """An unplaced, strategy-free copy of an `AlexNet` with the same weights: what gets
-    exported (a SavedModel of it carries no mirrored variables). ``policy`` is its dtype
-    policy: float32 (the default), or ``"mixed_bfloat16"`` for a copy that computes in
-    bfloat16 from float32 weights (fc8 and the softmax stay float32)."""
-    with precision_policy(policy):
+    exported (a SavedModel of it carries no mirrored variables).
+
+    ``policy`` (`INFERENCE_POLICIES`) is its dtype policy: ``"float32"`` (the default);
+    ``"bfloat16"``, a copy that computes in bfloat16 and stores its weights rounded to
+    bfloat16 (fc8, LRN and the softmax stay float32); or ``"mixed_bfloat16"``, the same
+    arithmetic from float32 weights, which every call rounds to bfloat16 again: the same
+    outputs, but at batch 1 those casts of 61 M weights cost more than bfloat16 saves
+    (BENCHMARKS.md).
+    """
+    with precision_policy(policy, allowed=INFERENCE_POLICIES):
         copy = AlexNet.from_config(model.get_config())
     copy.set_weights([keras.ops.convert_to_numpy(w) for w in model.weights])
     return copy
