@@ -41,16 +41,20 @@ unhealthy() {
 # bash's connect has no time limit of its own: a host that drops SYNs (or a listener whose
 # accept queue is full) would hold it for minutes, past Docker's and Kubernetes' own
 # timeouts, which then report a bare timeout instead of why. A watchdog interrupts it.
+# Its sleep holds none of the script's descriptors: whoever reads the check's output (Docker,
+# a kubelet exec probe) waits for every holder of that pipe, and killing the watchdog's
+# subshell leaves its sleep running to the end.
 trap 'timed_out=1' USR1
 timed_out=0
-(sleep "$wait_s" && kill -USR1 $$) 2>/dev/null &
+(exec </dev/null >/dev/null 2>&1; sleep "$wait_s" && kill -USR1 $$) &
 watchdog=$!
 if ! { exec 3<>"/dev/tcp/${host}/${port}"; } 2>/dev/null; then
   kill "$watchdog" 2>/dev/null
   ((timed_out)) && unhealthy "no connection to ${host}:${port} within ${wait_s} s"
   unhealthy "nothing listening on ${host}:${port} (starting, or not serving REST there)"
 fi
-kill "$watchdog" 2>/dev/null  # (the trap stays: a signal already on its way is harmless)
+kill "$watchdog" 2>/dev/null
+trap '' USR1  # a signal already on its way must not interrupt the reads below
 # An IPv6 address goes in brackets in the Host header (RFC 7230, 5.4).
 authority="${host}:${port}"
 [[ "$host" == *:* ]] && authority="[${host}]:${port}"
