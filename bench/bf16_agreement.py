@@ -2,7 +2,7 @@
 
 The runner (`python -m bench`) times the bfloat16 export against float32 on its own model,
 whose weights are untrained: its softmax is nearly flat (the gap between its 5th and 6th
-probability is about 1e-6, below bfloat16's rounding), so its top-5 on the photos says
+probability is a few 1e-6, below bfloat16's rounding), so its top-5 on the photos says
 nothing about what bfloat16 does to a model that has learned something. This script takes
 a training run, builds its float32 model and the bfloat16 copy the runner exports
 (`loop.inference_copy(model, "bfloat16")`: weights rounded to bfloat16, bfloat16

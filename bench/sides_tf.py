@@ -23,6 +23,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from bench.bf16_agreement import compare
 from bench.inputs import CHECK_BATCH, CHECK_SEED, PHOTOS, photos, pixels
 from bench.worker import Side
 
@@ -118,18 +119,12 @@ def top5_agreement(reference, other, image_size):
 
     pixels_of_photos = tf.stack([eval_from_bytes(b, image_size)
                                  for b in photos(len(PHOTOS))])
-    outputs = [load(path).signatures["serving_pixels"](pixels=pixels_of_photos)[
+    first, second = [load(path).signatures["serving_pixels"](pixels=pixels_of_photos)[
         "probabilities"].numpy() for path in (reference, other)]
-    first, second = outputs
-    top_first = np.argsort(-first, axis=1)
-    top_second = np.argsort(-second, axis=1)[:, :5]
-    ranked = np.take_along_axis(first, top_first[:, :6], axis=1)
-    top_first = top_first[:, :5]
-    return {"photos": int(len(first)),
-            "same_top5": int(sum(set(a) == set(b) for a, b in zip(top_first, top_second))),
-            "same_order": int(sum(np.array_equal(a, b) for a, b in zip(top_first, top_second))),
-            "same_top1": int(np.sum(top_first[:, 0] == top_second[:, 0])),
-            "min_gap": float(np.min(ranked[:, 4] - ranked[:, 5]))}
+    found = compare(first, second)
+    return {"photos": found["images"], "same_top5": found["same_topk_set"],
+            "same_order": found["same_topk_order"], "same_top1": found["same_top1"],
+            "min_gap": found["min_gap_topk"]}
 
 
 class Matmul(Side):
