@@ -29,7 +29,7 @@ def _start(seed=1):
     return [rng.normal(size=s).astype(np.float32) for s in SHAPES]
 
 
-def _run(optimizer, steps, schedule_lr=None):
+def _run(optimizer, steps):
     variables = [keras.Variable(w) for w in _start()]
     optimizer.build(variables)
     for grads in _gradients(steps):
